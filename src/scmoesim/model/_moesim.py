@@ -1,0 +1,356 @@
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from anndata import AnnData
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from scmoesim import _constants as K
+from scmoesim.module import MoESimModule
+from scmoesim.similarity import KNN_METRICS, SignatureScorer, validate_signatures
+from scmoesim.train import MoESimTrainingPlan
+
+from . import _validate as V
+from ._fields import PartialLabelsObsField
+from ._generate import GenerateMixin
+from ._outputs import OutputsMixin
+
+logger = logging.getLogger(__name__)
+
+
+class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelClass):
+    """Mixture-of-Experts Similarity VAE (MoE-Sim-VAE) for single-cell data.
+
+    One model gives a latent space shaped by a similarity of your choice, a clustering of the
+    cells by a gating network, and one generator ("expert") per cluster. See
+    :meth:`setup_anndata` for the similarity sources (labels, marker-gene signatures, kNN).
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    n_experts
+        Number of experts = maximal number of clusters K. Default: one more than the number of
+        label classes or signatures (room for cells that fit none), or 10 without them.
+    n_latent
+        Dimension of the latent space (paper, Tabula Muris: 20).
+    likelihood
+        ``"nb"`` (raw counts, default), ``"zinb"``, ``"poisson"``, ``"normal"`` (e.g. arcsinh
+        cytometry or log data) or ``"bernoulli"`` (data scaled to [0, 1], the paper's choice).
+    n_hidden, n_layers
+        Width and depth of the encoder and of each expert (paper: 100, 1).
+    n_hidden_gate, n_layers_gate, gate_dropout
+        Gating network (paper: 100, 1, 0.5).
+    activation_fn
+        ``"elu"`` (paper, scRNA-seq) or ``"relu"``.
+    dispersion
+        ``"gene"`` or ``"gene-expert"`` (NB dispersion / Gaussian scale per expert too).
+    kl
+        ``"mixture"`` (default): ``KL(q(z|x) || N(mu_k, I))`` towards the centre of the cell's
+        cluster, a proper mixture-prior KL; or ``"paper"``: the paper's Eq. 3, which only pushes
+        each cluster's variance of z towards 1. See ``benchmarks/`` for the comparison.
+    kl_weight
+        pi_1 (paper, Tabula Muris: 0.2).
+    clustering_weight
+        Weight of the clustering loss (paper: 0.8).
+    depict_weight
+        pi_2, DEPICT weight inside the clustering loss (paper: 1).
+    knn_neighbors, knn_metric, knn_threshold
+        kNN similarity in the minibatch when ``embedding_key`` was registered: neighbours per
+        cell, metric (``"euclidean"``, ``"correlation"``, ``"canberra"``, ``"cosine"``), or a
+        distance threshold instead of k.
+    centre_decay
+        Decay of the running EM estimate of the cluster centres per minibatch.
+
+    Examples
+    --------
+    >>> scmoesim.MoESim.setup_anndata(adata, layer="counts", signatures={"B": ["CD79A"]})
+    >>> model = scmoesim.MoESim(adata, n_experts=7)
+    >>> model.train()
+    >>> model.annotate(adata)  # obsm["X_moesim"], obs["moesim_cluster"], ...
+    """
+
+    _module_cls = MoESimModule
+    _training_plan_cls = MoESimTrainingPlan
+
+    def __init__(
+        self,
+        adata: AnnData,
+        n_experts: int | None = None,
+        n_latent: int = 20,
+        likelihood: K.Likelihood = "nb",
+        n_hidden: int = 100,
+        n_layers: int = 1,
+        n_hidden_gate: int = 100,
+        n_layers_gate: int = 1,
+        gate_dropout: float = 0.5,
+        activation_fn: str = "elu",
+        dispersion: str = "gene",
+        kl: K.KLKind = "mixture",
+        kl_weight: float = 0.2,
+        clustering_weight: float = 0.8,
+        depict_weight: float = 1.0,
+        knn_neighbors: int = 10,
+        knn_metric: str = "euclidean",
+        knn_threshold: float | None = None,
+        centre_decay: float = 0.9,
+    ):
+        super().__init__(adata)
+        if likelihood not in K.LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {K.LIKELIHOODS}, got {likelihood!r}.")
+        if knn_metric not in KNN_METRICS:
+            raise ValueError(f"knn_metric must be one of {KNN_METRICS}, got {knn_metric!r}.")
+        setup = self.adata_manager.registry["setup_args"]
+        V.check_likelihood_data(adata, setup["layer"], likelihood)
+
+        class_names = self._class_names()
+        if n_experts is None:
+            n_experts = len(class_names) + 1 if class_names else 10
+        if not isinstance(n_experts, int | np.integer) or n_experts < 1:
+            raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}.")
+        if n_experts < len(class_names):
+            source = "signatures" if setup.get("signatures") else "label classes"
+            raise ValueError(
+                f"n_experts={n_experts} is smaller than the number of {source} "
+                f"({len(class_names)}); every class needs its own expert."
+            )
+        use_labels = setup.get("labels_key") is not None
+        use_embedding = setup.get("embedding_key") is not None
+        scorer = self._build_signature_scorer(adata)
+        if not (use_labels or use_embedding or scorer is not None):
+            warnings.warn(
+                "No similarity source registered (labels_key, signatures or embedding_key): the "
+                "gate is trained by the DEPICT loss alone. Register embedding_key (e.g. 'X_pca') "
+                "for the paper's unsupervised kNN similarity.",
+                UserWarning,
+                stacklevel=2,
+            )
+        n_batch = self.summary_stats.n_batch
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            n_experts=int(n_experts),
+            n_latent=n_latent,
+            n_batch=n_batch,
+            likelihood=likelihood,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            n_hidden_gate=n_hidden_gate,
+            n_layers_gate=n_layers_gate,
+            gate_dropout=gate_dropout,
+            activation_fn=activation_fn,
+            dispersion=dispersion,
+            kl=kl,
+            kl_weight=kl_weight,
+            clustering_weight=clustering_weight,
+            depict_weight=depict_weight,
+            use_labels=use_labels,
+            signature_scorer=scorer,
+            use_embedding=use_embedding,
+            knn_neighbors=knn_neighbors,
+            knn_metric=knn_metric,
+            knn_threshold=knn_threshold,
+            centre_decay=centre_decay,
+        )
+        self.cluster_names_ = self._default_cluster_names(int(n_experts))
+        self._model_summary_string = (
+            f"MoESim: {n_experts} experts, n_latent={n_latent}, likelihood={likelihood!r}, "
+            f"kl={kl!r}, similarity: {', '.join(self._source_names()) or 'none'}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        unlabeled_category: str | int | float = "unknown",
+        signatures: Mapping[str, Sequence[str]] | None = None,
+        signature_threshold: float = 0.0,
+        embedding_key: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Register an AnnData for :class:`MoESim` and choose the similarity sources.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes. Raw counts for count likelihoods.
+        layer
+            Layer with the data; ``None`` uses ``adata.X``.
+        batch_key
+            obs column of a technical covariate given to the decoders (as in scVI).
+        labels_key
+            obs column of (possibly partial) labels. Cells sharing a label are similar, cells
+            with different labels dissimilar; cells with NaN or ``unlabeled_category`` carry no
+            label (they still train everything else).
+        unlabeled_category
+            Value marking unlabeled cells in ``labels_key``.
+        signatures
+            Marker-gene signatures ``{name: [genes]}`` (weak supervision). A cell carries a
+            signature when the mean standardised expression of its markers is above
+            ``signature_threshold`` (for one marker and threshold 0: the paper's "above the
+            gene's average expression"); cells carrying exactly one signature act as labelled,
+            cells with none or several are left out of the similarity. Expression is
+            log-normalised counts for count data, the values as given otherwise.
+        signature_threshold
+            Threshold on the signature score, in standard deviations.
+        embedding_key
+            obsm key (e.g. ``"X_pca"``, ``"X_umap"``) for the unsupervised kNN similarity
+            within each minibatch.
+
+        Notes
+        -----
+        When several sources are given, for every pair of cells the first source that knows
+        the pair decides it, in the order labels > signatures > kNN: known labels override
+        signatures, and the kNN graph fills in the pairs the others leave unknown.
+
+        Like every scvi-tools model, registration writes ``adata.obs["_scvi_batch"]``,
+        ``adata.obs["_scvi_labels"]`` (label codes, -1 for unlabeled),
+        ``adata.uns["_scvi_uuid"]`` and ``adata.uns["_scvi_manager_uuid"]``; nothing else in
+        ``adata`` is changed.
+        """
+        V.check_adata_basics(adata, layer)
+        V.check_obs_key(adata, batch_key, "batch_key")
+        V.check_obs_key(adata, labels_key, "labels_key")
+        if labels_key is not None:
+            V.check_labels(adata, labels_key, unlabeled_category)
+        V.check_embedding(adata, embedding_key)
+        if signatures is not None:
+            signatures = validate_signatures(signatures, adata.var_names)
+            _warn_overlapping_genes(signatures)
+        setup_method_args = cls._get_setup_method_args(**locals())
+        fields = [
+            LayerField(K.X_KEY, layer, is_count_data=False),
+            CategoricalObsField(K.BATCH_KEY, batch_key),
+        ]
+        if labels_key is not None:
+            fields.append(PartialLabelsObsField(K.LABELS_KEY, labels_key, unlabeled_category))
+        if embedding_key is not None:
+            fields.append(ObsmField(K.EMBEDDING_KEY, embedding_key))
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------ train
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        early_stopping: bool = False,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Train with Lightning (uses a GPU when one is available).
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the data; default from scvi-tools' heuristic (400 for small data,
+            fewer for large).
+        batch_size
+            Minibatch size (paper, Tabula Muris: 256). The similarity is built per minibatch.
+        lr
+            Adam learning rate (paper: 1e-3).
+        accelerator, devices
+            Lightning device selection, e.g. ``accelerator="gpu", devices=2,
+            strategy="ddp_find_unused_parameters_true"`` for multi-GPU.
+        train_size, validation_size
+            Split passed to scvi-tools' data splitter (default 90/10).
+        early_stopping
+            Stop on the validation ELBO.
+        plan_kwargs
+            Keyword arguments of :class:`~scmoesim.train.MoESimTrainingPlan`; unknown names
+            raise before training starts.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` / Lightning.
+
+        Notes
+        -----
+        Set ``scvi.settings.seed`` before creating the model for reproducible results; on the
+        CPU two runs with the same seed are identical. Every loss term is recorded in
+        ``model.history`` (``reconstruction_loss_train``, ``similarity_loss_train``,
+        ``depict_loss_train``, ``kl_divergence_train``, ...).
+        """
+        plan_kwargs = dict(plan_kwargs or {})
+        unknown = sorted(set(plan_kwargs) - MoESimTrainingPlan.valid_kwargs())
+        if unknown:
+            raise TypeError(
+                f"Unknown plan_kwargs {unknown}; valid names: "
+                f"{sorted(MoESimTrainingPlan.valid_kwargs())}."
+            )
+        if not isinstance(batch_size, int) or batch_size < 2:
+            raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}.")
+        plan_kwargs.setdefault("lr", lr)
+        trainer_kwargs.setdefault("check_val_every_n_epoch", None)
+        super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            plan_kwargs=plan_kwargs,
+            **trainer_kwargs,
+        )
+        self._summarise_training_data()
+
+    # ------------------------------------------------------------------ helpers
+    def _source_names(self) -> list[str]:
+        setup = self.adata_manager.registry["setup_args"]
+        names = []
+        if setup.get("labels_key") is not None:
+            names.append(f"labels ({setup['labels_key']})")
+        if setup.get("signatures"):
+            names.append(f"{len(setup['signatures'])} signatures")
+        if setup.get("embedding_key") is not None:
+            names.append(f"kNN on obsm[{setup['embedding_key']!r}]")
+        return names
+
+    def _class_names(self) -> list[str]:
+        """Names that clusters can be matched to: label classes, else signature names."""
+        setup = self.adata_manager.registry["setup_args"]
+        if setup.get("labels_key") is not None:
+            mapping = self.adata_manager.get_state_registry(K.LABELS_KEY).categorical_mapping
+            return [str(c) for c in mapping]
+        if setup.get("signatures"):
+            return list(setup["signatures"])
+        return []
+
+    def _build_signature_scorer(self, adata: AnnData) -> SignatureScorer | None:
+        setup = self.adata_manager.registry["setup_args"]
+        if not setup.get("signatures"):
+            return None
+        layer = setup["layer"]
+        return SignatureScorer.from_adata_matrix(
+            V.get_matrix(adata, layer),
+            adata.var_names,
+            setup["signatures"],
+            normalize=V.is_count_matrix(adata, layer),
+            threshold=float(setup.get("signature_threshold", 0.0)),
+        )
+
+
+def _warn_overlapping_genes(signatures: dict[str, list[str]]) -> None:
+    seen: dict[str, str] = {}
+    for name, genes in signatures.items():
+        for g in genes:
+            if g in seen and seen[g] != name:
+                warnings.warn(
+                    f"Gene {g!r} is a marker of both {seen[g]!r} and {name!r}; cells high in it "
+                    "may carry both signatures and then count as unknown.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            seen.setdefault(g, name)

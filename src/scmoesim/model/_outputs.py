@@ -1,0 +1,271 @@
+"""Latent space, cluster assignments and AnnData annotation for :class:`MoESim`."""
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scipy.optimize import linear_sum_assignment
+
+from scmoesim import _constants as K
+
+_N_QUANTILES = 101
+
+
+class OutputsMixin:
+    """Methods that read the trained model out onto AnnData objects."""
+
+    # ------------------------------------------------------------------ data passes
+    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
+        if adata is not None and adata is not self.adata:
+            _check_same_genes(self.adata.var_names, adata.var_names)
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    def _batches(
+        self, adata: AnnData | None, indices: Sequence[int] | None, batch_size: int | None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        yield from loader
+
+    @torch.inference_mode()
+    def _pass(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        give_mean: bool = True,
+        reference: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """One pass over the data: latent, gate probabilities, expert, library, batch."""
+        self._check_if_trained(warn=False)
+        self.module.eval()
+        out: dict[str, list[np.ndarray]] = {}
+        for tensors in self._batches(adata, indices, batch_size):
+            inf = self.module.inference(
+                **self.module._get_inference_input(tensors), use_mean=give_mean
+            )
+            parts = {"z": inf["qz_m"] if give_mean else inf["z"], "p": inf["p"]}
+            parts["expert"] = inf["expert"]
+            if inf["library"] is not None:
+                parts["library"] = inf["library"].reshape(-1)
+            if K.BATCH_KEY in tensors:
+                parts["batch"] = tensors[K.BATCH_KEY].reshape(-1)
+            if reference:
+                parts["reference"] = self._reference_codes(tensors, inf["library"])
+            for key, value in parts.items():
+                out.setdefault(key, []).append(value.detach().cpu().numpy())
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    def _reference_codes(self, tensors: dict, library) -> torch.Tensor:
+        """Per-cell class codes that clusters are named after (-1 unknown)."""
+        if self.module.use_labels:
+            return tensors[K.LABELS_KEY].reshape(-1).round().long()
+        if self.module.signature_scorer is not None:
+            x = tensors[K.X_KEY].to(self.device)
+            lib = library.to(self.device) if library is not None else None
+            return self.module.signature_scorer(x, lib)
+        return torch.full((tensors[K.X_KEY].shape[0],), -1, dtype=torch.long)
+
+    # ------------------------------------------------------------------ public outputs
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Latent representation of each cell (use with ``sc.pp.neighbors(use_rep=...)``).
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; ``None`` uses the training data.
+        indices
+            Cells to use; ``None`` for all.
+        give_mean
+            Return the posterior mean (default) instead of a sample.
+        batch_size
+            Minibatch size for the pass.
+
+        Returns
+        -------
+        ``(n_cells, n_latent)`` float32 array.
+        """
+        return self._pass(adata, indices, batch_size, give_mean)["z"]
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        soft: bool = False,
+        batch_size: int | None = None,
+    ) -> pd.Categorical | pd.DataFrame:
+        """Cluster of each cell (the gate's argmax expert), named after labels or signatures.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; ``None`` uses the training data.
+        indices
+            Cells to use; ``None`` for all.
+        soft
+            Return the gate probabilities as a cells x clusters DataFrame instead.
+        batch_size
+            Minibatch size for the pass.
+
+        Returns
+        -------
+        A :class:`pandas.Categorical` of cluster names (categories: the clusters that hold
+        cells, named ones first), safe to assign to ``adata.obs``; or, with ``soft=True``, a
+        DataFrame indexed by ``obs_names`` with one column per expert.
+        """
+        out = self._pass(adata, indices, batch_size)
+        names = np.asarray(self.cluster_names_, dtype=object)
+        if soft:
+            obs_names = self._obs_names(adata, indices)
+            return pd.DataFrame(out["p"], index=obs_names, columns=list(names))
+        order = [c for c in self._category_order() if c in set(names[out["expert"]])]
+        return pd.Categorical(names[out["expert"]], categories=order)
+
+    def expert_usage(self, adata: AnnData | None = None) -> pd.Series:
+        """Number of cells routed to each expert, indexed by cluster name."""
+        experts = self._pass(adata)["expert"]
+        counts = np.bincount(experts, minlength=self.module.n_experts)
+        return pd.Series(counts, index=list(self.cluster_names_), name="n_cells")
+
+    def annotate(
+        self,
+        adata: AnnData | None = None,
+        *,
+        latent_key: str = K.LATENT_KEY,
+        cluster_key: str = K.CLUSTER_KEY,
+        proba_key: str = K.PROBA_KEY,
+        uns_key: str = K.UNS_KEY,
+        batch_size: int | None = None,
+    ) -> None:
+        """Write the latent space, clusters and probabilities into ``adata`` in one call.
+
+        Writes ``obsm["X_moesim"]``, ``obs["moesim_cluster"]`` (categorical),
+        ``obsm["moesim_proba"]`` (cells x experts, columns in the order of
+        ``uns["moesim"]["cluster_names"]``) and ``uns["moesim"]`` (cluster names, expert usage,
+        effective number of clusters, model parameters). Keys can be renamed.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; ``None`` annotates the training data.
+        latent_key, cluster_key, proba_key, uns_key
+            Where to write.
+        batch_size
+            Minibatch size for the pass.
+        """
+        target = self.adata if adata is None else adata
+        out = self._pass(adata, batch_size=batch_size)
+        names = np.asarray(self.cluster_names_, dtype=object)
+        order = [c for c in self._category_order() if c in set(names[out["expert"]])]
+        usage = np.bincount(out["expert"], minlength=self.module.n_experts)
+        target.obsm[latent_key] = out["z"]
+        target.obs[cluster_key] = pd.Categorical(names[out["expert"]], categories=order)
+        target.obsm[proba_key] = out["p"]
+        target.uns[uns_key] = {
+            "cluster_names": [str(n) for n in names],
+            "expert_usage": {str(n): int(c) for n, c in zip(names, usage, strict=True)},
+            "effective_n_clusters": int((usage > 0).sum()),
+            "params": {k: v for k, v in self.init_params_["non_kwargs"].items() if v is not None},
+        }
+
+    # ------------------------------------------------------------------ naming
+    def _obs_names(self, adata: AnnData | None, indices) -> pd.Index:
+        names = (self.adata if adata is None else adata).obs_names
+        return names if indices is None else names[np.asarray(indices)]
+
+    def _default_cluster_names(self, n_experts: int) -> list[str]:
+        return [str(k) for k in range(n_experts)]
+
+    def _category_order(self) -> list[str]:
+        """Named clusters in class order, then numbered ones by number."""
+        classes = self._class_names()
+        named = [c for c in classes if c in self.cluster_names_]
+        rest = [c for c in self.cluster_names_ if c not in set(classes)]
+        rest.sort(key=lambda c: (0, int(c)) if str(c).isdigit() else (1, str(c)))
+        return named + rest
+
+    def _summarise_training_data(self) -> None:
+        """Name the clusters and record per-expert statistics of the training cells."""
+        out = self._pass(reference=True)
+        n_exp = self.module.n_experts
+        usage = np.bincount(out["expert"], minlength=n_exp)
+        self.expert_usage_ = usage
+        self.cluster_names_ = _name_experts(
+            out["expert"], out["reference"], self._class_names(), usage
+        )
+        self.expert_batch_counts_ = _batch_counts(out, n_exp, self.summary_stats.n_batch)
+        self.library_quantiles_ = (
+            _library_quantiles(out, n_exp, self.summary_stats.n_batch) if "library" in out else None
+        )
+
+
+def _check_same_genes(reference: pd.Index, query: pd.Index) -> None:
+    if reference.equals(query):
+        return
+    missing = reference.difference(query)
+    extra = query.difference(reference)
+    if len(missing) == 0 and len(extra) == 0:
+        raise ValueError(
+            "The query AnnData has the model's genes in a different order; reorder it with "
+            "adata[:, model.adata.var_names]."
+        )
+    raise ValueError(
+        f"The query AnnData's genes differ from the model's: {len(missing)} missing "
+        f"(e.g. {missing[:5].tolist()}), {len(extra)} extra (e.g. {extra[:5].tolist()}). "
+        "Subset or reorder it with adata[:, model.adata.var_names]."
+    )
+
+
+def _name_experts(
+    experts: np.ndarray, reference: np.ndarray, classes: list[str], usage: np.ndarray
+) -> list[str]:
+    """Hungarian-match classes to experts on known cells; number the rest by usage."""
+    n_exp = len(usage)
+    names: list[str | None] = [None] * n_exp
+    known = reference >= 0
+    if classes and known.any():
+        table = np.zeros((len(classes), n_exp))
+        np.add.at(table, (reference[known], experts[known]), 1)
+        rows, cols = linear_sum_assignment(table, maximize=True)
+        for r, c in zip(rows, cols, strict=True):
+            if table[r, c] > 0:
+                names[c] = classes[r]
+    taken = set(n for n in names if n is not None)
+    free = [k for k in np.argsort(-usage, kind="stable") if names[k] is None]
+    prefix = "cluster_" if any(str(i) in taken for i in range(n_exp)) else ""
+    for i, k in enumerate(free):
+        names[k] = f"{prefix}{i}"
+    return [str(n) for n in names]
+
+
+def _batch_counts(out: dict, n_exp: int, n_batch: int) -> np.ndarray:
+    batch = out.get("batch", np.zeros_like(out["expert"])).astype(int)
+    counts = np.zeros((n_exp, max(n_batch, 1)), dtype=np.int64)
+    np.add.at(counts, (out["expert"], batch), 1)
+    return counts
+
+
+def _library_quantiles(out: dict, n_exp: int, n_batch: int) -> np.ndarray:
+    """``(K, n_batch + 1, Q)`` quantiles of log library size; slot ``n_batch`` = all batches."""
+    n_batch = max(n_batch, 1)
+    qs = np.linspace(0, 1, _N_QUANTILES)
+    log_lib = np.log(np.maximum(out["library"], 1.0))
+    batch = out.get("batch", np.zeros_like(out["expert"])).astype(int)
+    result = np.full((n_exp, n_batch + 1, _N_QUANTILES), np.nan)
+    overall = np.quantile(log_lib, qs)
+    for k in range(n_exp):
+        in_k = out["expert"] == k
+        result[k, n_batch] = np.quantile(log_lib[in_k], qs) if in_k.any() else overall
+        for b in range(n_batch):
+            sel = in_k & (batch == b)
+            if sel.any():
+                result[k, b] = np.quantile(log_lib[sel], qs)
+    return result

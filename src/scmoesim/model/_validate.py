@@ -1,0 +1,136 @@
+"""Checks run before anything is registered or trained; each error names the problem."""
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+
+from scmoesim._constants import COUNT_LIKELIHOODS
+
+_CHUNK = 10_000
+
+
+def get_matrix(adata: AnnData, layer: str | None):
+    """Return ``adata.layers[layer]`` or ``adata.X``, with a clear error when missing."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("adata.X is None; pass `layer=` naming the layer with the data.")
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"layer {layer!r} not found in adata.layers (available: {list(adata.layers)})."
+        )
+    return adata.layers[layer]
+
+
+def _value_blocks(x):
+    """Yield the stored values of ``x`` block by block (sparse: non-zeros only)."""
+    if sparse.issparse(x):
+        yield np.asarray(x.data)
+        return
+    for start in range(0, x.shape[0], _CHUNK):
+        block = x[start : start + _CHUNK]
+        yield np.asarray(block.data if sparse.issparse(block) else block)
+
+
+def where(layer: str | None) -> str:
+    """Human-readable name of the data matrix."""
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+def check_adata_basics(adata: AnnData, layer: str | None) -> None:
+    """Shape, unique names and finite values of the data matrix."""
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(
+            f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes); "
+            "MoESim needs at least one cell and one gene."
+        )
+    for axis, names in (("obs_names", adata.obs_names), ("var_names", adata.var_names)):
+        if not names.is_unique:
+            dup = names[names.duplicated()].unique()[:5].tolist()
+            raise ValueError(
+                f"adata.{axis} are not unique (e.g. {dup}); call "
+                f"adata.{axis[:3]}_names_make_unique() first."
+            )
+    x = get_matrix(adata, layer)
+    if not np.issubdtype(np.dtype(x.dtype), np.number) or np.dtype(x.dtype) == np.bool_:
+        raise TypeError(f"{where(layer)} must be numeric, got dtype {x.dtype}.")
+    for values in _value_blocks(x):
+        if not np.isfinite(values).all():
+            raise ValueError(
+                f"{where(layer)} contains NaN or infinite values; remove or impute them first."
+            )
+
+
+def check_likelihood_data(adata: AnnData, layer: str | None, likelihood: str) -> None:
+    """Values compatible with the likelihood: counts, or values in [0, 1] for Bernoulli."""
+    x = get_matrix(adata, layer)
+    for values in _value_blocks(x):
+        if likelihood in COUNT_LIKELIHOODS:
+            if (values < 0).any():
+                raise ValueError(
+                    f"{where(layer)} has negative values, but likelihood={likelihood!r} needs "
+                    "raw counts. Pass the counts layer, or use likelihood='normal'."
+                )
+            if not np.array_equal(values, np.round(values)):
+                raise ValueError(
+                    f"{where(layer)} has non-integer values, but likelihood={likelihood!r} needs "
+                    "raw counts (not normalised or log data). Pass the counts layer, or use "
+                    "likelihood='normal'."
+                )
+        elif likelihood == "bernoulli" and ((values < 0).any() or (values > 1).any()):
+            raise ValueError(
+                f"likelihood='bernoulli' needs data scaled to [0, 1]; {where(layer)} has values "
+                "outside that range."
+            )
+
+
+def is_count_matrix(adata: AnnData, layer: str | None) -> bool:
+    """Whether the data are non-negative integers (decides signature normalisation)."""
+    x = get_matrix(adata, layer)
+    for values in _value_blocks(x):
+        if (values < 0).any() or not np.array_equal(values, np.round(values)):
+            return False
+    return True
+
+
+def check_obs_key(adata: AnnData, key: str | None, what: str) -> None:
+    """An obs column must exist."""
+    if key is not None and key not in adata.obs:
+        raise KeyError(f"{what} {key!r} not found in adata.obs (columns: {list(adata.obs)}).")
+
+
+def check_labels(adata: AnnData, labels_key: str, unlabeled_category) -> None:
+    """Labels must have at least one labelled cell."""
+    col = adata.obs[labels_key]
+    known = col.notna() & (col.astype(object) != unlabeled_category)
+    if not known.any():
+        raise ValueError(
+            f"adata.obs[{labels_key!r}] has no labelled cell: every value is NaN or the "
+            f"unlabeled category {unlabeled_category!r}."
+        )
+    if pd.Series(col[known]).nunique() < 2:
+        import warnings
+
+        warnings.warn(
+            f"adata.obs[{labels_key!r}] has a single label class; the label similarity then only "
+            "says that labelled cells belong together.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_embedding(adata: AnnData, key: str | None) -> None:
+    """An obsm embedding must exist, be 2-D and finite."""
+    if key is None:
+        return
+    if key not in adata.obsm:
+        raise KeyError(f"embedding_key {key!r} not found in adata.obsm (keys: {list(adata.obsm)}).")
+    emb = adata.obsm[key]
+    emb = emb.to_numpy() if isinstance(emb, pd.DataFrame) else np.asarray(emb)
+    if emb.ndim != 2 or emb.shape[1] == 0:
+        raise ValueError(f"adata.obsm[{key!r}] must be a 2-D array with at least one column.")
+    if not np.isfinite(emb.astype(float)).all():
+        raise ValueError(f"adata.obsm[{key!r}] contains NaN or infinite values.")

@@ -1,0 +1,19 @@
+"""The MoE-Sim-VAE torch module: encoder, gating network, expert decoders and loss terms."""
+
+from ._losses import (
+    depict_loss,
+    depict_target,
+    kl_mixture,
+    kl_paper,
+    similarity_bce,
+)
+from ._module import MoESimModule
+
+__all__ = [
+    "MoESimModule",
+    "depict_loss",
+    "depict_target",
+    "kl_mixture",
+    "kl_paper",
+    "similarity_bce",
+]

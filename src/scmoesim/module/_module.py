@@ -1,0 +1,314 @@
+"""MoE-Sim-VAE as an scvi-tools module: inference, generative model and loss."""
+
+import torch
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import nn
+
+from scmoesim import _constants as K
+from scmoesim.nn import MLP, RoutedExperts
+from scmoesim.similarity import (
+    SignatureScorer,
+    combine_similarities,
+    knn_similarity,
+    label_similarity,
+)
+
+from ._likelihoods import expert_heads, make_distribution, reconstruction_nll
+from ._losses import depict_loss, kl_mixture, kl_paper, similarity_bce
+
+
+class MoESimModule(BaseModuleClass):
+    """Encoder, gating network and K routed expert decoders (MoE-Sim-VAE).
+
+    Parameters
+    ----------
+    n_input
+        Number of genes (features).
+    n_experts
+        Number of experts / clusters K.
+    n_latent
+        Dimension of z.
+    n_batch
+        Number of batch categories (the decoders see the batch when > 1).
+    likelihood
+        ``"nb"``, ``"zinb"``, ``"poisson"``, ``"normal"`` or ``"bernoulli"``.
+    n_hidden, n_layers
+        Width and depth of the encoder and of every expert.
+    n_hidden_gate, n_layers_gate, gate_dropout
+        Width, depth and dropout of the gating (clustering) network.
+    encoder_dropout
+        Dropout in the encoder.
+    activation_fn
+        ``"elu"`` (paper, scRNA-seq) or ``"relu"`` (paper, CyTOF).
+    dispersion
+        ``"gene"`` (one NB dispersion / Gaussian scale per gene) or ``"gene-expert"`` (per gene
+        and expert).
+    kl
+        ``"mixture"``: ``KL(q(z|x) || N(mu_k, I))`` to the centre of the cell's cluster; or
+        ``"paper"``: Eq. 3, each cluster's variance of z pushed towards 1.
+    kl_weight
+        pi_1, weight of the KL term.
+    clustering_weight
+        Weight of the clustering loss (similarity + pi_2 DEPICT).
+    depict_weight
+        pi_2, weight of the DEPICT term inside the clustering loss.
+    use_labels
+        Whether minibatches carry label codes (``-1`` unknown) for the label similarity.
+    signature_scorer
+        Turns expression into signature codes for the signature similarity.
+    use_embedding, knn_neighbors, knn_metric, knn_threshold
+        kNN similarity over a registered embedding.
+    centre_decay
+        Decay of the running (EM) sums that define the cluster centres.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_experts: int,
+        n_latent: int = 20,
+        n_batch: int = 0,
+        likelihood: K.Likelihood = "nb",
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        n_hidden_gate: int = 100,
+        n_layers_gate: int = 1,
+        gate_dropout: float = 0.5,
+        encoder_dropout: float = 0.1,
+        activation_fn: str = "elu",
+        dispersion: str = "gene",
+        kl: K.KLKind = "mixture",
+        kl_weight: float = 1.0,
+        clustering_weight: float = 1.0,
+        depict_weight: float = 1.0,
+        use_labels: bool = False,
+        signature_scorer: SignatureScorer | None = None,
+        use_embedding: bool = False,
+        knn_neighbors: int = 10,
+        knn_metric: str = "euclidean",
+        knn_threshold: float | None = None,
+        centre_decay: float = 0.9,
+    ):
+        super().__init__()
+        if likelihood not in K.LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {K.LIKELIHOODS}, got {likelihood!r}.")
+        if kl not in ("mixture", "paper"):
+            raise ValueError(f"kl must be 'mixture' or 'paper', got {kl!r}.")
+        if dispersion not in ("gene", "gene-expert"):
+            raise ValueError(f"dispersion must be 'gene' or 'gene-expert', got {dispersion!r}.")
+        self.n_input = n_input
+        self.n_experts = n_experts
+        self.n_latent = n_latent
+        self.n_batch = n_batch
+        self.likelihood = likelihood
+        self.kl = kl
+        self.kl_weight = kl_weight
+        self.clustering_weight = clustering_weight
+        self.depict_weight = depict_weight
+        self.dispersion = dispersion
+        self.use_labels = use_labels
+        self.use_embedding = use_embedding
+        self.knn_neighbors = knn_neighbors
+        self.knn_metric = knn_metric
+        self.knn_threshold = knn_threshold
+        self.centre_decay = centre_decay
+        self.is_count = likelihood in K.COUNT_LIKELIHOODS
+
+        self.encoder = MLP(n_input, n_hidden, n_layers, "batch", activation_fn, encoder_dropout)
+        self.z_mean = nn.Linear(n_hidden, n_latent)
+        self.z_logvar = nn.Linear(n_hidden, n_latent)
+        self.gate = MLP(n_latent, n_hidden_gate, n_layers_gate, "none", activation_fn, gate_dropout)
+        self.gate_out = nn.Linear(n_hidden_gate, n_experts)
+        n_cat = n_batch if n_batch > 1 else 0
+        self.experts = RoutedExperts(
+            n_experts,
+            n_latent,
+            expert_heads(likelihood, n_input),
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            n_cat=n_cat,
+            activation_fn=activation_fn,
+        )
+        if likelihood in ("nb", "zinb", "normal"):
+            rows = n_experts if dispersion == "gene-expert" else 1
+            self.log_dispersion = nn.Parameter(torch.zeros(rows, n_input))
+        self.signature_scorer = signature_scorer
+
+        # Running EM sums of Eq. 6; all buffers are created here so that `load` restores them.
+        self.register_buffer("centre_init", torch.randn(n_experts, n_latent))
+        self.register_buffer("centre_sum", torch.zeros(n_experts, n_latent))
+        self.register_buffer("centre_weight", torch.zeros(n_experts))
+
+    # ------------------------------------------------------------------ state
+    @property
+    def centres(self) -> torch.Tensor:
+        """``(K, n_latent)`` cluster centres ``mu_k`` (running EM estimate, paper Eq. 6)."""
+        seen = self.centre_weight > 1e-3
+        est = self.centre_sum / self.centre_weight.clamp_min(1e-3)[:, None]
+        return torch.where(seen[:, None], est, self.centre_init)
+
+    @torch.no_grad()
+    def update_centres(self, sum_pz: torch.Tensor, sum_p: torch.Tensor) -> None:
+        """EM step for the centres from minibatch sums ``sum_i p_ik z_i`` and ``sum_i p_ik``."""
+        self.centre_sum.mul_(self.centre_decay).add_(sum_pz)
+        self.centre_weight.mul_(self.centre_decay).add_(sum_p)
+
+    def dispersion_for(self, expert: torch.Tensor) -> torch.Tensor | None:
+        """Per-cell NB inverse dispersion or Gaussian scale (``None`` if unused)."""
+        if not hasattr(self, "log_dispersion"):
+            return None
+        rows = (
+            self.log_dispersion[expert]
+            if self.dispersion == "gene-expert"
+            else (self.log_dispersion)
+        )
+        return torch.exp(rows)
+
+    # ------------------------------------------------------------------ forward
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
+        return {"x": tensors[K.X_KEY], "batch_index": tensors.get(K.BATCH_KEY)}
+
+    def _get_generative_input(
+        self, tensors: dict[str, torch.Tensor], inference_outputs: dict
+    ) -> dict:
+        return {
+            "z": inference_outputs["z"],
+            "expert": inference_outputs["expert"],
+            "library": inference_outputs["library"],
+            "batch_index": tensors.get(K.BATCH_KEY),
+        }
+
+    def gate_logits(self, z: torch.Tensor, dropout: bool = False) -> torch.Tensor:
+        """Logits of the gating network; ``dropout=True`` gives the noisy DEPICT pass."""
+        return self.gate_out(self.gate(z, dropout=dropout))
+
+    @auto_move_data
+    def inference(
+        self, x: torch.Tensor, batch_index: torch.Tensor | None = None, use_mean: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Encode ``x``, sample z, run the gate and route each cell to its argmax expert."""
+        x_in = torch.log1p(x) if self.is_count else x
+        h = self.encoder(x_in)
+        qz_m = self.z_mean(h)
+        qz_v = torch.exp(self.z_logvar(h).clamp(-15.0, 15.0)) + 1e-4
+        z = qz_m if use_mean else qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
+        logits = self.gate_logits(z)
+        p = torch.softmax(logits, dim=-1)
+        library = x.sum(1, keepdim=True) if self.is_count else None
+        return {
+            "qz_m": qz_m,
+            "qz_v": qz_v,
+            "z": z,
+            "logits": logits,
+            "p": p,
+            "expert": p.argmax(-1),
+            "library": library,
+        }
+
+    @auto_move_data
+    def generative(
+        self,
+        z: torch.Tensor,
+        expert: torch.Tensor,
+        library: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
+    ) -> dict:
+        """Decode every cell with its own expert and build the data distribution."""
+        heads = self.experts(z, expert, batch_index if self.experts.n_cat > 0 else None)
+        px = make_distribution(self.likelihood, heads, library, self.dispersion_for(expert))
+        return {"px": px, "heads": heads}
+
+    # ------------------------------------------------------------------ similarity
+    def minibatch_similarity(
+        self, tensors: dict[str, torch.Tensor], library: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Combined ``(S, mask)`` for a minibatch (labels > signatures > kNN), or ``None``."""
+        sources = []
+        if self.use_labels:
+            sources.append(label_similarity(tensors[K.LABELS_KEY]))
+        if self.signature_scorer is not None:
+            sources.append(label_similarity(self.signature_scorer(tensors[K.X_KEY], library)))
+        if self.use_embedding:
+            sources.append(
+                knn_similarity(
+                    tensors[K.EMBEDDING_KEY].float(),
+                    self.knn_neighbors,
+                    self.knn_metric,
+                    self.knn_threshold,
+                )
+            )
+        if not sources:
+            return None
+        return combine_similarities(sources)
+
+    # ------------------------------------------------------------------ loss
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict,
+        generative_outputs: dict,
+        kl_weight: float = 1.0,
+    ) -> LossOutput:
+        """Eq. 11: reconstruction + pi_1 KL + clustering weight (similarity + pi_2 DEPICT)."""
+        x = tensors[K.X_KEY]
+        p = inference_outputs["p"]
+        z = inference_outputs["z"]
+        rec = reconstruction_nll(self.likelihood, generative_outputs["px"], x)
+
+        if self.kl == "mixture":
+            centres = self.centres[inference_outputs["expert"]]
+            kl = kl_mixture(inference_outputs["qz_m"], inference_outputs["qz_v"], centres)
+        else:
+            kl = kl_paper(z, p).expand(x.shape[0])
+        kl_scaled = kl_weight * self.kl_weight * kl
+
+        log_p_noisy = torch.log_softmax(self.gate_logits(z, dropout=True), dim=-1)
+        depict = depict_loss(p, log_p_noisy).mean()
+        sim_mask = self.minibatch_similarity(tensors, inference_outputs["library"])
+        if sim_mask is None:
+            sim = torch.zeros((), device=x.device)
+            known = torch.zeros((), device=x.device)
+        else:
+            sim, n_pairs = similarity_bce(p, *sim_mask)
+            known = n_pairs / float(max(x.shape[0] * (x.shape[0] - 1), 1))
+        clustering = self.clustering_weight * (sim + self.depict_weight * depict)
+        loss = (rec + kl_scaled).mean() + clustering
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss=rec,
+            kl_local=kl_scaled,
+            extra_metrics={
+                "kl_divergence": kl.mean().detach(),
+                "similarity_loss": sim.detach(),
+                "depict_loss": depict.detach(),
+                "clustering_loss": clustering.detach(),
+                "known_pair_fraction": known.detach(),
+            },
+        )
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def sample_from_experts(
+        self,
+        expert: torch.Tensor,
+        library: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generate cells: ``z ~ N(mu_k, temperature^2 I)`` decoded by expert ``k``.
+
+        Returns
+        -------
+        sample, mean
+            ``(n, genes)`` sampled values (counts for count likelihoods; probabilities for
+            ``bernoulli``) and expected values.
+        """
+        expert = expert.long()
+        z = self.centres[expert] + temperature * torch.randn(
+            expert.shape[0], self.n_latent, device=expert.device
+        )
+        px = self.generative(z, expert, library, batch_index)["px"]
+        mean = px.mean
+        if self.likelihood == "bernoulli":
+            return mean, mean
+        return px.sample(), mean

@@ -1,0 +1,6 @@
+"""Neural-network building blocks: plain MLPs and the routed mixture of expert decoders."""
+
+from ._experts import RoutedExperts
+from ._mlp import MLP
+
+__all__ = ["MLP", "RoutedExperts"]

@@ -1,0 +1,128 @@
+import math
+
+import torch
+from torch import nn
+
+from ._mlp import activation
+
+
+class RoutedExperts(nn.Module):
+    """K expert decoders with hard routing: each cell runs through its own expert only.
+
+    The experts' weights are stored stacked (one tensor per layer, leading dimension K). A
+    forward pass sorts the cells by expert and runs one dense matmul per non-empty expert, so the
+    cost of K experts is that of one decoder plus a loop over K small segments.
+
+    Every expert is ``[Linear -> LayerNorm -> activation] x n_layers`` followed by one linear
+    head per output (e.g. ``{"scale": n_genes, "dropout": n_genes}``). LayerNorm (per-sample)
+    keeps experts well defined when a minibatch routes a single cell to an expert, where
+    BatchNorm would fail. A categorical covariate (batch) is appended one-hot to the input of
+    every layer, as scVI does.
+
+    Parameters
+    ----------
+    n_experts
+        Number of experts K.
+    n_in
+        Latent dimension.
+    heads
+        Output heads and their sizes.
+    n_hidden
+        Hidden units per layer.
+    n_layers
+        Hidden layers per expert.
+    n_cat
+        Number of categories of the covariate (0 for none).
+    activation_fn
+        Activation name.
+    """
+
+    def __init__(
+        self,
+        n_experts: int,
+        n_in: int,
+        heads: dict[str, int],
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        n_cat: int = 0,
+        activation_fn: str = "elu",
+    ):
+        super().__init__()
+        self.n_experts = n_experts
+        self.n_cat = n_cat
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.ln = nn.ModuleList()
+        d_in = n_in
+        for _ in range(n_layers):
+            self.weights.append(_stacked_weight(n_experts, d_in + n_cat, n_hidden))
+            self.biases.append(nn.Parameter(torch.zeros(n_experts, n_hidden)))
+            self.ln.append(nn.LayerNorm(n_hidden, elementwise_affine=False))
+            d_in = n_hidden
+        self.ln_gain = nn.Parameter(torch.ones(n_layers, n_experts, n_hidden))
+        self.ln_shift = nn.Parameter(torch.zeros(n_layers, n_experts, n_hidden))
+        self.act = activation(activation_fn)
+        self.head_names = list(heads)
+        self.head_weights = nn.ParameterDict(
+            {k: _stacked_weight(n_experts, d_in + n_cat, size) for k, size in heads.items()}
+        )
+        self.head_biases = nn.ParameterDict(
+            {k: nn.Parameter(torch.zeros(n_experts, size)) for k, size in heads.items()}
+        )
+
+    def forward(
+        self, z: torch.Tensor, expert: torch.Tensor, cat: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Decode each row of ``z`` with the expert given in ``expert``.
+
+        Parameters
+        ----------
+        z
+            ``(n, n_in)`` latent codes.
+        expert
+            ``(n,)`` integer expert index of each row.
+        cat
+            ``(n,)`` or ``(n, 1)`` integer covariate codes, required when ``n_cat > 0``.
+
+        Returns
+        -------
+        One ``(n, size)`` tensor per head, rows in the input order.
+        """
+        expert = expert.long().reshape(-1)
+        onehot = None
+        if self.n_cat > 0:
+            if cat is None:
+                raise ValueError("This decoder was built with a covariate; pass `cat`.")
+            onehot = nn.functional.one_hot(cat.long().reshape(-1), self.n_cat).to(z.dtype)
+        order = torch.argsort(expert, stable=True)
+        # One host sync per step: the segment sizes decide the per-expert matmuls.
+        counts = torch.bincount(expert, minlength=self.n_experts).tolist()
+        z_sorted = z[order]
+        cat_sorted = onehot[order] if onehot is not None else None
+        outs: dict[str, list[torch.Tensor]] = {k: [] for k in self.head_names}
+        start = 0
+        for k, n_k in enumerate(counts):
+            if n_k == 0:
+                continue
+            h = z_sorted[start : start + n_k]
+            c = cat_sorted[start : start + n_k] if cat_sorted is not None else None
+            for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+                h = torch.cat([h, c], dim=-1) if c is not None else h
+                h = torch.addmm(b[k], h, w[k])
+                h = self.ln[i](h) * self.ln_gain[i, k] + self.ln_shift[i, k]
+                h = self.act(h)
+            h = torch.cat([h, c], dim=-1) if c is not None else h
+            for name in self.head_names:
+                outs[name].append(
+                    torch.addmm(self.head_biases[name][k], h, self.head_weights[name][k])
+                )
+            start += n_k
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return {name: torch.cat(parts, dim=0)[inverse] for name, parts in outs.items()}
+
+
+def _stacked_weight(n_experts: int, n_in: int, n_out: int) -> nn.Parameter:
+    """Kaiming-uniform initialised ``(K, n_in, n_out)`` weights, as ``nn.Linear`` does."""
+    bound = 1.0 / math.sqrt(max(n_in, 1))
+    return nn.Parameter(torch.empty(n_experts, n_in, n_out).uniform_(-bound, bound))

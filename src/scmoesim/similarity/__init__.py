@@ -1,0 +1,45 @@
+"""Minibatch similarity matrices ``S`` and their masks, one builder per source.
+
+Every builder returns ``(S, mask)``: two ``(n, n)`` tensors for the ``n`` cells of a minibatch.
+``S[i, j]`` is 1 when cells ``i`` and ``j`` should share a cluster and 0 when they should not;
+``mask[i, j]`` is ``True`` where the source knows the answer. The similarity loss is computed over
+known pairs only (the diagonal is never used).
+
+Sources
+-------
+labels
+    :func:`label_similarity`: cells with the same (known) label are similar; pairs involving an
+    unlabeled cell are unknown.
+signatures
+    :class:`SignatureScorer` turns marker-gene expression into a per-cell signature (or none),
+    which is then used exactly as a label.
+kNN
+    :func:`knn_similarity`: ``j`` is among the ``k`` nearest neighbours of ``i`` in an embedding,
+    within the minibatch (or closer than a distance threshold); every pair is known.
+graph
+    :func:`graph_similarity`: a precomputed cell-cell graph (e.g. ``obsp["connectivities"]``)
+    sliced to the minibatch.
+
+Several sources are combined by :func:`combine_similarities`: sources are ranked and, for each
+pair, the highest-ranked source that knows the pair decides it (labels > signatures > graph >
+kNN). So a known label pair overrides what the neighbourhood says, and the neighbourhood fills in
+the pairs that the labels leave unknown.
+"""
+
+from ._combine import combine_similarities
+from ._graph import graph_similarity
+from ._knn import KNN_METRICS, knn_similarity, pairwise_distances
+from ._labels import label_similarity
+from ._signatures import SignatureScorer, signature_gene_stats, validate_signatures
+
+__all__ = [
+    "KNN_METRICS",
+    "SignatureScorer",
+    "combine_similarities",
+    "graph_similarity",
+    "knn_similarity",
+    "label_similarity",
+    "pairwise_distances",
+    "signature_gene_stats",
+    "validate_signatures",
+]

@@ -1,0 +1,60 @@
+import inspect
+
+import torch
+import torch.distributed as dist
+from scvi.train import TrainingPlan
+
+
+class MoESimTrainingPlan(TrainingPlan):
+    """scvi-tools :class:`~scvi.train.TrainingPlan` plus the EM step of the cluster centres.
+
+    After each optimisation step the running sums that define the centres ``mu_k`` (paper Eq. 6)
+    are updated from the minibatch's ``sum_i p_ik z_i`` and ``sum_i p_ik``. Under
+    multi-process training (DDP) the sums are all-reduced first, so every process holds the same
+    centres. Each loss term is logged (``similarity_loss_train``, ``depict_loss_train``, ...).
+
+    Parameters
+    ----------
+    module
+        A :class:`~scmoesim.module.MoESimModule`.
+    n_epochs_kl_warmup
+        Epochs over which the KL weight is annealed from 0 (``None``: no annealing).
+    **kwargs
+        Passed to :class:`~scvi.train.TrainingPlan` (``lr``, ``weight_decay``, ...).
+    """
+
+    def __init__(self, module, *, n_epochs_kl_warmup: int | None = None, **kwargs):
+        super().__init__(module, n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs)
+
+    @classmethod
+    def valid_kwargs(cls) -> set[str]:
+        """Keyword arguments the plan accepts (checked before training starts)."""
+        names = set(inspect.signature(TrainingPlan.__init__).parameters)
+        names |= set(inspect.signature(cls.__init__).parameters)
+        return names - {"self", "module", "loss_kwargs", "kwargs"}
+
+    def training_step(self, batch, batch_idx):
+        """Optimisation step, then the EM update of the centres from this minibatch."""
+        if "kl_weight" in self.loss_kwargs:
+            self.loss_kwargs.update({"kl_weight": self.kl_weight})
+        inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        self.log(
+            "train_loss",
+            loss_output.loss,
+            on_step=self.on_step,
+            on_epoch=self.on_epoch,
+            prog_bar=True,
+            sync_dist=self.use_sync_dist,
+        )
+        self.compute_and_log_metrics(loss_output, self.train_metrics, "train")
+        self._em_update(inference_outputs)
+        return loss_output.loss
+
+    @torch.no_grad()
+    def _em_update(self, inference_outputs: dict) -> None:
+        p = inference_outputs["p"].detach()
+        z = inference_outputs["z"].detach()
+        sums = torch.cat([p.T @ z, p.sum(0)[:, None]], dim=1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        self.module.update_centres(sums[:, :-1], sums[:, -1])
