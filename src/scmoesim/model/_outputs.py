@@ -198,9 +198,7 @@ class OutputsMixin:
         n_exp = self.module.n_experts
         usage = np.bincount(out["expert"], minlength=n_exp)
         self.expert_usage_ = usage
-        self.cluster_names_ = _name_experts(
-            out["expert"], out["reference"], self._class_names(), usage
-        )
+        self.cluster_names_ = _name_experts(out["p"], out["reference"], self._class_names(), usage)
         self.expert_batch_counts_ = _batch_counts(out, n_exp, self.summary_stats.n_batch)
         self.library_quantiles_ = (
             _library_quantiles(out, n_exp, self.summary_stats.n_batch) if "library" in out else None
@@ -225,19 +223,24 @@ def _check_same_genes(reference: pd.Index, query: pd.Index) -> None:
 
 
 def _name_experts(
-    experts: np.ndarray, reference: np.ndarray, classes: list[str], usage: np.ndarray
+    proba: np.ndarray, reference: np.ndarray, classes: list[str], usage: np.ndarray
 ) -> list[str]:
-    """Hungarian-match classes to experts on known cells; number the rest by usage."""
+    """Name experts after classes; number the remaining ones by usage.
+
+    Classes are matched one-to-one to experts (Hungarian) maximising the gate probability mass
+    that each class's known cells put on the expert, so every class gets an expert even when
+    training left it few hard assignments. Unmatched experts are numbered ``0, 1, ...`` by
+    decreasing usage (``cluster_0, ...`` if a class is itself called like a number).
+    """
     n_exp = len(usage)
     names: list[str | None] = [None] * n_exp
     known = reference >= 0
     if classes and known.any():
         table = np.zeros((len(classes), n_exp))
-        np.add.at(table, (reference[known], experts[known]), 1)
+        np.add.at(table, reference[known], proba[known])
         rows, cols = linear_sum_assignment(table, maximize=True)
         for r, c in zip(rows, cols, strict=True):
-            if table[r, c] > 0:
-                names[c] = classes[r]
+            names[c] = classes[r]
     taken = set(n for n in names if n is not None)
     free = [k for k in np.argsort(-usage, kind="stable") if names[k] is None]
     prefix = "cluster_" if any(str(i) in taken for i in range(n_exp)) else ""

@@ -1,0 +1,56 @@
+"""Shared helpers of the benchmark scripts (data preparation, baselines, environment)."""
+
+import platform
+import sys
+from datetime import date
+
+import numpy as np
+import scanpy as sc
+from anndata import AnnData
+from sklearn.cluster import KMeans
+
+
+def select_genes(adata: AnnData, n_top: int, keep: list[str], layer: str = "counts") -> AnnData:
+    """Highly variable genes (scanpy 'seurat' on log-normalised counts) plus ``keep``."""
+    tmp = AnnData(adata.layers[layer].copy(), obs=adata.obs[[]], var=adata.var[[]])
+    sc.pp.normalize_total(tmp, target_sum=1e4)
+    sc.pp.log1p(tmp)
+    sc.pp.highly_variable_genes(tmp, n_top_genes=n_top, flavor="seurat")
+    mask = tmp.var["highly_variable"].to_numpy() | tmp.var_names.isin(keep)
+    return adata[:, mask].copy()
+
+
+def log_pca(
+    adata: AnnData, layer: str | None, n_comps: int = 50, counts: bool = True
+) -> np.ndarray:
+    """PCA of log-normalised counts (or of the values as given)."""
+    x = adata.layers[layer] if layer else adata.X
+    tmp = AnnData(x.copy())
+    if counts:
+        sc.pp.normalize_total(tmp, target_sum=1e4)
+        sc.pp.log1p(tmp)
+    sc.pp.scale(tmp, max_value=10)
+    n_comps = min(n_comps, min(tmp.shape) - 1)
+    sc.pp.pca(tmp, n_comps=n_comps)
+    return tmp.obsm["X_pca"]
+
+
+def kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means told the true K."""
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
+
+
+def environment() -> str:
+    """One line of package versions and machine."""
+    import anndata
+    import scvi
+    import torch
+
+    import scmoesim
+
+    return (
+        f"python {sys.version.split()[0]}, scmoesim {scmoesim.__version__}, scvi-tools "
+        f"{scvi.__version__}, torch {torch.__version__}, scanpy {sc.__version__}, anndata "
+        f"{anndata.__version__}; {platform.machine()} {platform.processor() or ''} "
+        f"({__import__('os').cpu_count()} cores), {date.today()}"
+    )

@@ -1,0 +1,61 @@
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from scmoesim.module import depict_loss, depict_target, kl_mixture, kl_paper, similarity_bce
+
+
+def test_kl_mixture_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    m, v, c = torch.randn(5, 3, generator=g), torch.rand(5, 3, generator=g) + 0.1, torch.randn(5, 3)
+    expected = kl_divergence(Normal(m, v.sqrt()), Normal(c, 1.0)).sum(-1)
+    torch.testing.assert_close(kl_mixture(m, v, c), expected)
+
+
+def test_kl_paper_zero_at_unit_variance_and_positive_otherwise():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, 2, generator=g)
+    p = torch.zeros(20000, 2)
+    p[:, 0] = 1
+    assert kl_paper(z, p).item() == pytest.approx(0.0, abs=5e-3)
+    # variance 4 in both dims: 0.5 * 2 * (1/4 - 1 + log 4)
+    assert kl_paper(2 * z, p).item() == pytest.approx(0.25 - 1 + math.log(4), rel=0.02)
+
+
+def test_similarity_bce_full_bce_over_known_pairs():
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    s = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    mask = torch.tensor([[False, True], [True, False]])
+    loss, n = similarity_bce(p, s, mask)
+    assert n.item() == 2
+    assert loss.item() == pytest.approx(-math.log(0.5), rel=1e-5)
+    # the (1 - S) half: dissimilar pair with PP^T = 0.5 costs -log(0.5) too
+    loss0, _ = similarity_bce(p, torch.zeros(2, 2), mask)
+    assert loss0.item() == pytest.approx(-math.log(0.5), rel=1e-5)
+    # nothing known -> 0
+    lossn, n = similarity_bce(p, s, torch.zeros(2, 2, dtype=torch.bool))
+    assert lossn.item() == 0 and n.item() == 0
+
+
+def test_similarity_bce_collapse_is_penalised():
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    mask = torch.tensor([[False, True], [True, False]])
+    collapsed = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    separated = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert similarity_bce(collapsed, s, mask)[0] > 10 * similarity_bce(separated, s, mask)[0]
+
+
+def test_depict_target_eq9_and_detached():
+    p = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]], requires_grad=True)
+    q = depict_target(p)
+    col = p.detach().sum(0).sqrt()
+    expected = (p.detach() / col) / (p.detach() / col).sum(1, keepdim=True)
+    torch.testing.assert_close(q, expected)
+    assert not q.requires_grad
+    torch.testing.assert_close(q.sum(1), torch.ones(3))
+    log_noisy = torch.log_softmax(torch.randn(3, 2, requires_grad=True), -1)
+    loss = depict_loss(p, log_noisy).sum()
+    loss.backward()
+    assert p.grad is None  # the target is not back-propagated

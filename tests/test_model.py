@@ -1,0 +1,299 @@
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import scvi
+from anndata import AnnData
+from scipy import sparse
+
+import scmoesim
+from scmoesim import MoESim
+
+from .conftest import KIDNEY_SIGS, TRAIN
+
+DOCUMENTED_OBS = {"_scvi_batch", "_scvi_labels"}
+DOCUMENTED_UNS = {"_scvi_uuid", "_scvi_manager_uuid"}
+
+
+def _trained(adata, setup=None, **model_kwargs):
+    MoESim.setup_anndata(adata, **(setup or {}))
+    model = MoESim(adata, **model_kwargs)
+    model.train(**TRAIN)
+    return model
+
+
+def assert_unchanged_except(before: AnnData, after: AnnData, obs=(), obsm=(), uns=()):
+    assert set(after.obs) - set(obs) - DOCUMENTED_OBS == set(before.obs) - DOCUMENTED_OBS
+    keep = [c for c in before.obs if c not in DOCUMENTED_OBS]
+    pd.testing.assert_frame_equal(before.obs[keep], after.obs[keep])
+    assert set(after.obsm) - set(obsm) == set(before.obsm)
+    assert set(after.uns) - set(uns) - DOCUMENTED_UNS == set(before.uns) - DOCUMENTED_UNS
+    assert set(after.layers) == set(before.layers)
+    for key in before.layers:
+        assert (before.layers[key] != after.layers[key]).nnz == 0
+    xb, xa = before.X, after.X
+    if sparse.issparse(xb):
+        assert (xb != xa).nnz == 0
+    else:
+        np.testing.assert_array_equal(xb, xa)
+    pd.testing.assert_frame_equal(before.var, after.var)
+
+
+# ---------------------------------------------------------------- signatures, end to end
+def test_signatures_end_to_end(kidney):
+    before = kidney.copy()
+    model = _trained(kidney, {"layer": "counts", "signatures": KIDNEY_SIGS}, n_experts=4)
+    assert model.is_trained_
+    hist = model.history
+    for key in (
+        "reconstruction_loss_train",
+        "kl_divergence_train",
+        "similarity_loss_train",
+        "depict_loss_train",
+        "known_pair_fraction_train",
+    ):
+        assert key in hist and len(hist[key]) == TRAIN["max_epochs"]
+        assert np.isfinite(hist[key].to_numpy(dtype=float)).all()
+    assert (hist["known_pair_fraction_train"].to_numpy(dtype=float) > 0).all()
+
+    assert set(KIDNEY_SIGS) <= set(model.cluster_names_)
+    assert len(model.cluster_names_) == 4 and len(set(model.cluster_names_)) == 4
+
+    z = model.get_latent_representation()
+    assert z.shape == (kidney.n_obs, 20) and np.isfinite(z).all()
+    hard = model.predict()
+    assert isinstance(hard, pd.Categorical) and len(hard) == kidney.n_obs
+    assert set(hard.categories) <= set(model.cluster_names_)
+    soft = model.predict(soft=True)
+    assert soft.shape == (kidney.n_obs, 4)
+    assert list(soft.columns) == model.cluster_names_
+    assert soft.index.equals(kidney.obs_names)
+    np.testing.assert_allclose(soft.to_numpy().sum(1), 1.0, rtol=1e-5)
+    # the hard call is the argmax of the soft one
+    np.testing.assert_array_equal(
+        np.asarray(hard).astype(str), soft.columns.to_numpy()[soft.to_numpy().argmax(1)]
+    )
+    assert_unchanged_except(before, kidney)
+
+
+def test_annotate_writes_documented_keys_only(kidney):
+    model = _trained(kidney, {"layer": "counts", "signatures": KIDNEY_SIGS}, n_experts=4)
+    before = kidney.copy()
+    model.annotate(kidney)
+    assert kidney.obsm["X_moesim"].shape == (kidney.n_obs, 20)
+    assert kidney.obsm["moesim_proba"].shape == (kidney.n_obs, 4)
+    assert isinstance(kidney.obs["moesim_cluster"].dtype, pd.CategoricalDtype)
+    uns = kidney.uns["moesim"]
+    assert uns["cluster_names"] == model.cluster_names_
+    assert sum(uns["expert_usage"].values()) == kidney.n_obs
+    assert uns["effective_n_clusters"] == kidney.obs["moesim_cluster"].nunique()
+    assert uns["params"]["n_experts"] == 4
+    assert_unchanged_except(
+        before, kidney, obs=["moesim_cluster"], obsm=["X_moesim", "moesim_proba"], uns=["moesim"]
+    )
+    np.testing.assert_allclose(kidney.obsm["X_moesim"], model.get_latent_representation())
+
+
+def test_map_new_cells_matches_training_cells(kidney):
+    model = _trained(kidney, {"layer": "counts", "signatures": KIDNEY_SIGS}, n_experts=4)
+    query = kidney[:50].copy()
+    query.obs = query.obs.drop(columns=["_scvi_batch", "_scvi_labels"], errors="ignore")
+    query.uns.clear()
+    z_query = model.get_latent_representation(query)
+    np.testing.assert_allclose(z_query, model.get_latent_representation()[:50], atol=1e-5)
+    np.testing.assert_array_equal(
+        np.asarray(model.predict(query)), np.asarray(model.predict())[:50]
+    )
+    wrong = kidney[:20, :-3].copy()
+    with pytest.raises(ValueError, match="genes differ from the model's: 3 missing"):
+        model.get_latent_representation(wrong)
+    reordered = kidney[:20, ::-1].copy()
+    with pytest.raises(ValueError, match="different order"):
+        model.predict(reordered)
+
+
+# ---------------------------------------------------------------- labels
+def test_partial_labels_nan_and_unknown(kidney):
+    labels = kidney.obs["cell_type"].astype(object).copy()
+    labels[labels == "unannotated"] = np.nan
+    labels.iloc[:10] = "unknown"
+    kidney.obs["partial"] = pd.Categorical(labels)
+    model = _trained(kidney, {"layer": "counts", "labels_key": "partial"})
+    codes = kidney.obs["_scvi_labels"].to_numpy()
+    assert (codes[:10] == -1).all()
+    assert (codes[kidney.obs["cell_type"].to_numpy() == "unannotated"] == -1).all()
+    classes = sorted(set(labels.dropna()) - {"unknown"})
+    assert model.module.n_experts == len(classes) + 1
+    assert set(classes) <= set(model.cluster_names_)
+    assert "unknown" not in model.cluster_names_
+
+
+def test_labels_errors(kidney):
+    kidney.obs["none"] = "unknown"
+    with pytest.raises(ValueError, match="no labelled cell"):
+        MoESim.setup_anndata(kidney, layer="counts", labels_key="none")
+    with pytest.raises(KeyError, match="labels_key 'nope' not found"):
+        MoESim.setup_anndata(kidney, layer="counts", labels_key="nope")
+    MoESim.setup_anndata(kidney, layer="counts", labels_key="cell_type")
+    with pytest.raises(ValueError, match="n_experts=2 is smaller than the number of label"):
+        MoESim(kidney, n_experts=2)
+
+
+# ---------------------------------------------------------------- likelihoods
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+def test_count_likelihoods_train_and_generate(kidney, likelihood):
+    model = _trained(
+        kidney,
+        {"layer": "counts", "signatures": KIDNEY_SIGS},
+        n_experts=4,
+        likelihood=likelihood,
+        dispersion="gene-expert",
+    )
+    assert np.isfinite(model.history["elbo_train"].to_numpy(dtype=float)).all()
+    gen = model.generate(30, clusters=["leukocyte", "endothelial cell"], seed=1)
+    assert gen.shape == (30, kidney.n_vars)
+    assert sparse.issparse(gen.X) and np.issubdtype(gen.X.dtype, np.integer)
+    assert gen.X.min() >= 0
+    assert gen.layers["mean"].shape == (30, kidney.n_vars)
+    assert set(gen.obs["moesim_cluster"]) <= {"leukocyte", "endothelial cell"}
+    assert gen.obs["moesim_cluster"].value_counts().sum() == 30
+    experts = [model.cluster_names_.index(c) for c in gen.obs["moesim_cluster"]]
+    np.testing.assert_array_equal(gen.obs["moesim_expert"].to_numpy(), experts)
+    assert gen.var_names.equals(kidney.var_names)
+    # library sizes come from the real cells: same order of magnitude
+    real = np.median(np.asarray(kidney.layers["counts"].sum(1)))
+    assert 0.1 < np.median(np.asarray(gen.X.sum(1))) / real < 10
+
+
+def test_normal_likelihood_on_log_data(pbmc):
+    model = _trained(
+        pbmc,
+        {"signatures": {"B": ["CD79A", "MS4A1"], "NK": ["NKG7", "GNLY"]}},
+        likelihood="normal",
+    )
+    assert model.module.n_experts == 3
+    gen = model.generate({"B": 5, "NK": 7})
+    assert gen.obs["moesim_cluster"].value_counts()[lambda c: c > 0].to_dict() == {"NK": 7, "B": 5}
+    assert gen.X.dtype == np.float32 and not sparse.issparse(gen.X)
+
+
+def test_bernoulli_on_scaled_data(pbmc):
+    x = pbmc.X.toarray()
+    pbmc.layers["scaled"] = (x - x.min(0)) / np.maximum(x.max(0) - x.min(0), 1e-6)
+    model = _trained(
+        pbmc, {"layer": "scaled", "embedding_key": "X_pca"}, n_experts=5, likelihood="bernoulli"
+    )
+    gen = model.generate(10)
+    assert ((gen.X >= 0) & (gen.X <= 1)).all()
+    with pytest.raises(ValueError, match="needs data scaled to \\[0, 1\\]"):
+        MoESim.setup_anndata(pbmc)
+        MoESim(pbmc, likelihood="bernoulli")
+
+
+def test_count_likelihood_rejects_log_data(pbmc):
+    MoESim.setup_anndata(pbmc, embedding_key="X_pca")
+    with pytest.raises(ValueError, match="non-integer values, but likelihood='nb'"):
+        MoESim(pbmc)
+
+
+# ---------------------------------------------------------------- other sources, covariates
+def test_knn_source_and_batch_covariate(kidney):
+    kidney.obsm["X_emb"] = np.random.default_rng(0).normal(size=(kidney.n_obs, 5))
+    model = _trained(
+        kidney,
+        {"layer": "counts", "embedding_key": "X_emb", "batch_key": "sex"},
+        n_experts=5,
+        knn_metric="canberra",
+    )
+    assert model.module.experts.n_cat == 2
+    # unnamed clusters are numbered by size: the largest is "0"
+    assert model.cluster_names_[int(np.argmax(model.expert_usage_))] == "0"
+    assert sorted(model.cluster_names_) == [str(i) for i in range(5)]
+    gen = model.generate(12, batch="F")
+    assert (gen.obs["batch"] == "F").all()
+    with pytest.raises(ValueError, match="Unknown batch 'X'"):
+        model.generate(3, batch="X")
+
+
+def test_no_source_warns(kidney):
+    MoESim.setup_anndata(kidney, layer="counts")
+    with pytest.warns(UserWarning, match="No similarity source registered"):
+        MoESim(kidney, n_experts=3)
+
+
+# ---------------------------------------------------------------- errors before training
+def test_setup_errors(kidney):
+    with pytest.raises(ValueError, match="not found in adata.var_names: leukocyte: Nope1"):
+        MoESim.setup_anndata(kidney, layer="counts", signatures={"leukocyte": ["Ptprc", "Nope1"]})
+    with pytest.raises(KeyError, match="layer 'raw' not found"):
+        MoESim.setup_anndata(kidney, layer="raw")
+    with pytest.raises(KeyError, match="embedding_key 'X_umap' not found"):
+        MoESim.setup_anndata(kidney, layer="counts", embedding_key="X_umap")
+    bad = kidney.copy()
+    bad.layers["counts"] = bad.layers["counts"].astype(np.float32)
+    bad.layers["counts"].data[0] = np.nan
+    with pytest.raises(ValueError, match="contains NaN or infinite"):
+        MoESim.setup_anndata(bad, layer="counts")
+    neg = kidney.copy()
+    neg.layers["counts"] = neg.layers["counts"].astype(np.float32)
+    neg.layers["counts"].data[0] = -1
+    MoESim.setup_anndata(neg, layer="counts", signatures=KIDNEY_SIGS)
+    with pytest.raises(ValueError, match="negative values"):
+        MoESim(neg)
+    with pytest.raises(ValueError, match="adata is empty"):
+        MoESim.setup_anndata(kidney[:0].copy(), layer="counts")
+
+
+def test_plan_kwargs_typo_fails_before_training(kidney):
+    MoESim.setup_anndata(kidney, layer="counts", signatures=KIDNEY_SIGS)
+    model = MoESim(kidney)
+    with pytest.raises(TypeError, match="Unknown plan_kwargs \\['weight_decy'\\]"):
+        model.train(max_epochs=1, plan_kwargs={"weight_decy": 0.1})
+    assert not model.is_trained_
+
+
+def test_generate_errors(kidney):
+    model = _trained(kidney, {"layer": "counts", "signatures": KIDNEY_SIGS}, n_experts=4)
+    with pytest.raises(ValueError, match="Unknown cluster\\(s\\) \\['liver'\\]"):
+        model.generate(5, clusters=["liver"])
+    with pytest.raises(ValueError, match="non-negative integers"):
+        model.generate(-1)
+    assert model.generate(0).n_obs == 0
+
+
+# ---------------------------------------------------------------- persistence, determinism
+def test_save_load_roundtrip(kidney, tmp_path):
+    model = _trained(kidney, {"layer": "counts", "signatures": KIDNEY_SIGS}, n_experts=4)
+    model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match="already exists"):
+        model.save(tmp_path / "m")
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = MoESim.load(tmp_path / "m", adata=kidney)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    np.testing.assert_array_equal(np.asarray(loaded.predict()), np.asarray(model.predict()))
+    assert loaded.cluster_names_ == model.cluster_names_
+    a, b = model.generate(20, seed=3), loaded.generate(20, seed=3)
+    assert (a.X != b.X).nnz == 0
+    np.testing.assert_array_equal(a.layers["mean"], b.layers["mean"])
+
+
+def test_same_seed_same_result(kidney):
+    runs = []
+    for _ in range(2):
+        scvi.settings.seed = 7
+        adata = kidney.copy()
+        runs.append(_trained(adata, {"layer": "counts", "signatures": KIDNEY_SIGS}, n_experts=4))
+    np.testing.assert_array_equal(
+        runs[0].get_latent_representation(), runs[1].get_latent_representation()
+    )
+
+
+def test_public_namespace():
+    assert scmoesim.MoESim is MoESim
+    assert isinstance(scmoesim.__version__, str)
+    for name in ("metrics", "datasets", "similarity"):
+        assert hasattr(scmoesim, name)
+    assert copy.copy(scmoesim.datasets.PBMC_SIGNATURES)

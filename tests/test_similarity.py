@@ -1,0 +1,144 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scmoesim.similarity import (
+    SignatureScorer,
+    combine_similarities,
+    graph_similarity,
+    knn_similarity,
+    label_similarity,
+    pairwise_distances,
+    validate_signatures,
+)
+
+
+def test_label_similarity_values_and_mask():
+    s, m = label_similarity(torch.tensor([0.0, 0.0, 1.0, -1.0]))
+    assert s.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    # unknown cell 3 and the diagonal are masked
+    expected = np.array([[0, 1, 1, 0], [1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=bool)
+    np.testing.assert_array_equal(m.numpy(), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(-1, 3), min_size=1, max_size=30))
+def test_label_similarity_properties(codes):
+    s, m = label_similarity(torch.tensor(codes, dtype=torch.float32))
+    assert torch.equal(s, s.T) and torch.equal(m, m.T)
+    assert not m.diagonal().any()
+    c = np.array(codes)
+    for i in range(len(c)):
+        for j in range(len(c)):
+            if i != j:
+                assert bool(m[i, j]) == (c[i] >= 0 and c[j] >= 0)
+                if m[i, j]:
+                    assert s[i, j] == float(c[i] == c[j])
+
+
+def test_knn_similarity_two_groups():
+    x = torch.tensor([[0.0, 0], [0.1, 0], [0, 0.1], [10, 10], [10.1, 10], [10, 10.1]])
+    s, m = knn_similarity(x, n_neighbors=2)
+    block = torch.zeros(6, 6)
+    block[:3, :3] = 1
+    block[3:, 3:] = 1
+    block.fill_diagonal_(0)
+    assert torch.equal(s, block)
+    assert m.sum() == 30 and not m.diagonal().any()
+
+
+def test_knn_distance_threshold_and_cap():
+    x = torch.tensor([[0.0], [1.0], [5.0]])
+    s, _ = knn_similarity(x, distance_threshold=1.5)
+    assert s.tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 0]]
+    s, _ = knn_similarity(x, n_neighbors=50)  # capped at n - 1
+    assert s.sum() == 6
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(2, 25),
+    st.integers(1, 6),
+    st.sampled_from(["euclidean", "correlation", "canberra", "cosine"]),
+    st.integers(0, 10_000),
+)
+def test_knn_symmetric_and_at_least_k(n, k, metric, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    s, m = knn_similarity(x, n_neighbors=k, metric=metric)
+    assert torch.equal(s, s.T)
+    assert (s.diagonal() == 0).all()
+    assert (s.sum(1) >= min(k, n - 1)).all()
+    assert m.sum() == n * (n - 1)
+
+
+def test_pairwise_distances_match_scipy():
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 5))
+    x[0, 1] = x[1, 1] = 0.0  # a 0/0 term in canberra
+    for metric in ("euclidean", "correlation", "canberra", "cosine"):
+        ours = pairwise_distances(torch.tensor(x), metric, chunk_size=3).numpy()
+        np.testing.assert_allclose(ours, cdist(x, x, metric), atol=1e-6)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        pairwise_distances(torch.tensor(x), "manhattan")
+
+
+def test_combine_priority_and_union():
+    s1 = torch.tensor([[0.0, 1], [1, 0]])
+    m1 = torch.tensor([[False, True], [True, False]])
+    s2 = torch.zeros(2, 2)
+    m2 = torch.ones(2, 2, dtype=torch.bool)
+    s, m = combine_similarities([(s1, m1), (s2, m2)])
+    assert s[0, 1] == 1  # first source wins on known pairs
+    assert s[0, 0] == 0 and m.all()
+    s, m = combine_similarities([(s2, torch.zeros(2, 2, dtype=torch.bool)), (s1, m1)])
+    assert s[0, 1] == 1 and not m[0, 0]
+    with pytest.raises(ValueError, match="at least one"):
+        combine_similarities([])
+
+
+def test_graph_similarity_symmetrises():
+    a = torch.tensor([[0.0, 0.3, 0], [0, 0, 0], [0, 0.9, 0]])
+    s, m = graph_similarity(a)
+    assert s.tolist() == [[0, 1, 0], [1, 0, 1], [0, 1, 0]]
+    assert not m.diagonal().any()
+
+
+def test_validate_signatures_errors():
+    genes = pd.Index(["A", "B", "C"])
+    assert validate_signatures({"x": "A", "y": ["B", "B"]}, genes) == {"x": ["A"], "y": ["B"]}
+    with pytest.raises(ValueError, match="not found in adata.var_names: x: Z, Q"):
+        validate_signatures({"x": ["A", "Z", "Q"]}, genes)
+    with pytest.raises(ValueError, match="has no marker genes"):
+        validate_signatures({"x": []}, genes)
+    with pytest.raises(ValueError, match="is empty"):
+        validate_signatures({}, genes)
+    with pytest.raises(ValueError, match="must be a dict"):
+        validate_signatures(["A"], genes)
+    with pytest.raises(ValueError, match="Duplicate signature name"):
+        validate_signatures({1: ["A"], "1": ["B"]}, genes)
+
+
+def test_signature_scorer_paper_rule():
+    # genes: A marks s1, B marks s2; cell 0 high A, cell 1 high B, cell 2 both, cell 3 none
+    x = np.array([[10.0, 0, 5], [0, 10, 5], [10, 10, 5], [0, 0, 5]])
+    scorer = SignatureScorer.from_adata_matrix(
+        x, pd.Index(["A", "B", "C"]), {"s1": ["A"], "s2": ["B"]}, normalize=False
+    )
+    codes = scorer(torch.tensor(x, dtype=torch.float32))
+    assert codes.tolist() == [0, 1, -1, -1]
+    np.testing.assert_allclose(scorer.means.numpy(), [5.0, 5.0])
+
+
+def test_signature_scorer_normalises_counts():
+    # same relative expression at 10x depth must give the same code
+    x = np.array([[9.0, 1, 0], [90, 10, 0], [0, 1, 9], [0, 10, 90]])
+    scorer = SignatureScorer.from_adata_matrix(
+        x, pd.Index(["A", "B", "C"]), {"a": ["A"], "c": ["C"]}, normalize=True
+    )
+    assert scorer(torch.tensor(x, dtype=torch.float32)).tolist() == [0, 0, 1, 1]
