@@ -28,7 +28,7 @@ KIDNEY_SIGNATURES: dict[str, list[str]] = {
     "kidney tubule cell": ["Slc34a1", "Lrp2"],
     "fenestrated cell": ["Plvap", "Kdr"],
     "fibroblast": ["Col1a2", "Pdgfrb"],
-    "kidney collecting duct cell": ["Tmem213", "Hsd11b2", "Aqp2"],
+    "kidney collecting duct cell": ["Slc12a3", "Calb1"],
     "endothelial cell": ["Sox17", "Gja4", "Fbln5"],
     "leukocyte": ["Ptprc", "Cd52", "Fcer1g"],
 }
