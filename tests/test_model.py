@@ -86,7 +86,8 @@ def test_annotate_writes_documented_keys_only(kidney):
     assert isinstance(kidney.obs["moesim_cluster"].dtype, pd.CategoricalDtype)
     uns = kidney.uns["moesim"]
     assert uns["cluster_names"] == model.cluster_names_
-    assert sum(uns["expert_usage"].values()) == kidney.n_obs
+    assert uns["expert_usage"].sum() == kidney.n_obs
+    assert len(uns["expert_usage"]) == 4
     assert uns["effective_n_clusters"] == kidney.obs["moesim_cluster"].nunique()
     assert uns["params"]["n_experts"] == 4
     assert_unchanged_except(
@@ -297,3 +298,21 @@ def test_public_namespace():
     for name in ("metrics", "datasets", "similarity"):
         assert hasattr(scmoesim, name)
     assert copy.copy(scmoesim.datasets.PBMC_SIGNATURES)
+
+
+def test_cluster_names_with_slashes_survive_h5ad(pbmc, tmp_path):
+    import anndata as ad
+
+    pbmc.obs["lab"] = pbmc.obs["bulk_labels"]
+    model = _trained(pbmc, {"labels_key": "lab"}, likelihood="normal")
+    assert "CD4+/CD25 T Reg" in model.cluster_names_
+    model.annotate(pbmc)
+    gen = model.generate(20, clusters=["CD4+/CD25 T Reg", "CD19+ B"])
+    pbmc.write_h5ad(tmp_path / "a.h5ad")
+    gen.write_h5ad(tmp_path / "g.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    assert list(back.uns["moesim"]["cluster_names"]) == model.cluster_names_
+    np.testing.assert_array_equal(back.uns["moesim"]["expert_usage"], model.expert_usage_)
+    gback = ad.read_h5ad(tmp_path / "g.h5ad")
+    assert list(gback.uns["moesim_generate"]["clusters"]) == ["CD4+/CD25 T Reg", "CD19+ B"]
+    assert gback.uns["moesim_generate"]["n_cells"].sum() == 20

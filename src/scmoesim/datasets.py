@@ -15,17 +15,18 @@ from scipy import sparse
 
 #: Canonical PBMC marker genes present in ``pbmc68k_reduced`` (one signature per population).
 PBMC_SIGNATURES: dict[str, list[str]] = {
-    "CD14+ Monocyte": ["LYZ", "S100A8"],
-    "Dendritic": ["FCER1A", "CST3"],
+    "CD14+ Monocyte": ["FCN1", "S100A9"],
+    "Dendritic": ["FCER1A", "CLEC10A"],
     "CD19+ B": ["CD79A", "MS4A1"],
-    "CD56+ NK": ["NKG7", "GNLY"],
+    "CD56+ NK": ["GNLY", "NKG7"],
     "CD8+ T": ["CD8A", "CD8B"],
     "CD4+ T": ["CD4", "IL7R"],
+    "CD34+ progenitor": ["PRSS57", "SOX4"],
 }
 
 #: Kidney cell-type markers for the Tabula Muris kidney FACS file (see the tutorial for why).
 KIDNEY_SIGNATURES: dict[str, list[str]] = {
-    "kidney tubule cell": ["Slc34a1", "Lrp2"],
+    "kidney tubule cell": ["Slc34a1", "Lrp2", "Slc12a1"],
     "fenestrated cell": ["Plvap", "Kdr"],
     "fibroblast": ["Col1a2", "Pdgfrb"],
     "kidney collecting duct cell": ["Slc12a3", "Calb1"],

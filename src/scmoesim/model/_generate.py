@@ -53,7 +53,8 @@ class GenerateMixin:
         AnnData with the model's ``var``; ``X`` holds sampled values (integer counts, CSR, for
         count likelihoods; probabilities for ``bernoulli``), ``layers["mean"]`` the expected
         values, ``obs["moesim_cluster"]`` and ``obs["moesim_expert"]`` (and ``obs["batch"]``
-        with a batch covariate); ``uns["moesim_generate"]`` records the settings.
+        with a batch covariate); ``uns["moesim_generate"]`` records the settings
+        (``clusters`` and ``n_cells`` per cluster, ``temperature``, ``seed``, ``likelihood``).
         """
         self._check_if_trained(warn=True)
         per_expert = self._cells_per_expert(n_cells, clusters)
@@ -115,9 +116,8 @@ class GenerateMixin:
         out = AnnData(X=x, obs=obs, var=self.adata.var.copy())
         out.layers["mean"] = mean
         out.uns["moesim_generate"] = {
-            "n_cells_per_cluster": {
-                str(names[k]): int(n) for k, n in enumerate(per_expert) if n > 0
-            },
+            "clusters": [str(names[k]) for k in np.flatnonzero(per_expert)],
+            "n_cells": per_expert[per_expert > 0].astype(np.int64),
             "temperature": float(temperature),
             "seed": seed,
             "likelihood": module.likelihood,

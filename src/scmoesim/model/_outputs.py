@@ -130,9 +130,16 @@ class OutputsMixin:
         return pd.Categorical(names[out["expert"]], categories=order)
 
     def expert_usage(self, adata: AnnData | None = None) -> pd.Series:
-        """Number of cells routed to each expert, indexed by cluster name."""
-        experts = self._pass(adata)["expert"]
-        counts = np.bincount(experts, minlength=self.module.n_experts)
+        """Count the cells routed to each expert (training data: recorded after training).
+
+        Returns
+        -------
+        Series of cell counts indexed by cluster name, in expert order.
+        """
+        if adata is None and getattr(self, "expert_usage_", None) is not None:
+            counts = np.asarray(self.expert_usage_)
+        else:
+            counts = np.bincount(self._pass(adata)["expert"], minlength=self.module.n_experts)
         return pd.Series(counts, index=list(self.cluster_names_), name="n_cells")
 
     def annotate(
@@ -169,9 +176,11 @@ class OutputsMixin:
         target.obsm[latent_key] = out["z"]
         target.obs[cluster_key] = pd.Categorical(names[out["expert"]], categories=order)
         target.obsm[proba_key] = out["p"]
+        # Lists, not dicts keyed by cluster name: names such as "CD4+/CD25 T Reg" would become
+        # nested groups in .h5ad files.
         target.uns[uns_key] = {
             "cluster_names": [str(n) for n in names],
-            "expert_usage": {str(n): int(c) for n, c in zip(names, usage, strict=True)},
+            "expert_usage": usage.astype(np.int64),
             "effective_n_clusters": int((usage > 0).sum()),
             "params": {k: v for k, v in self.init_params_["non_kwargs"].items() if v is not None},
         }

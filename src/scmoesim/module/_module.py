@@ -60,6 +60,9 @@ class MoESimModule(BaseModuleClass):
         kNN similarity over a registered embedding.
     centre_decay
         Decay of the running (EM) sums that define the cluster centres.
+    normalize_input
+        Count likelihoods: encode ``log1p(10^4 x / library)`` (default) rather than
+        ``log1p(x)`` (scVI's choice), so z does not carry sequencing depth.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class MoESimModule(BaseModuleClass):
         knn_metric: str = "euclidean",
         knn_threshold: float | None = None,
         centre_decay: float = 0.9,
+        normalize_input: bool = True,
     ):
         super().__init__()
         if likelihood not in K.LIKELIHOODS:
@@ -113,6 +117,7 @@ class MoESimModule(BaseModuleClass):
         self.knn_threshold = knn_threshold
         self.centre_decay = centre_decay
         self.is_count = likelihood in K.COUNT_LIKELIHOODS
+        self.normalize_input = normalize_input
 
         self.encoder = MLP(n_input, n_hidden, n_layers, "batch", activation_fn, encoder_dropout)
         self.z_mean = nn.Linear(n_hidden, n_latent)
@@ -187,14 +192,23 @@ class MoESimModule(BaseModuleClass):
         self, x: torch.Tensor, batch_index: torch.Tensor | None = None, use_mean: bool = False
     ) -> dict[str, torch.Tensor]:
         """Encode ``x``, sample z, run the gate and route each cell to its argmax expert."""
-        x_in = torch.log1p(x) if self.is_count else x
+        if self.is_count:
+            library = x.sum(1, keepdim=True)
+            # Depth-normalised input: the decoders get the library size explicitly, so the
+            # encoder need not (and should not) encode sequencing depth in z.
+            x_in = (
+                torch.log1p(x / library.clamp_min(1.0) * 1e4)
+                if self.normalize_input
+                else (torch.log1p(x))
+            )
+        else:
+            library, x_in = None, x
         h = self.encoder(x_in)
         qz_m = self.z_mean(h)
         qz_v = torch.exp(self.z_logvar(h).clamp(-15.0, 15.0)) + 1e-4
         z = qz_m if use_mean else qz_m + qz_v.sqrt() * torch.randn_like(qz_m)
         logits = self.gate_logits(z)
         p = torch.softmax(logits, dim=-1)
-        library = x.sum(1, keepdim=True) if self.is_count else None
         return {
             "qz_m": qz_m,
             "qz_v": qz_v,

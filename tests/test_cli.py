@@ -1,0 +1,272 @@
+import contextlib
+import io
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from scmoesim import cli, datasets
+
+from .conftest import KIDNEY_SIGS
+
+SIGS = {k: datasets.PBMC_SIGNATURES[k] for k in ("CD14+ Monocyte", "CD19+ B", "CD56+ NK")}
+FAST = ["--epochs", "2", "--batch-size", "64", "--n-latent", "5", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A small pbmc .h5ad (log data, partial labels) and signature files."""
+    root = tmp_path_factory.mktemp("cli")
+    adata = datasets.pbmc68k_reduced()[::3].copy()
+    partial = adata.obs["bulk_labels"].astype(str).to_numpy(dtype=object)
+    partial[::2] = "unknown"
+    adata.obs["partial"] = pd.Categorical(partial)
+    adata.write_h5ad(root / "pbmc.h5ad")
+    (root / "sigs.json").write_text(json.dumps(SIGS))
+    lines = ["signature,gene"] + [f"{k},{g}" for k, v in SIGS.items() for g in v]
+    (root / "sigs.csv").write_text("\n".join(lines) + "\n")
+    return root, adata
+
+
+@pytest.fixture(scope="module")
+def fitted(files):
+    """``scmoesim fit`` once: output .h5ad, saved model and what it printed."""
+    root, adata = files
+    out, model_dir = root / "fit.h5ad", root / "model"
+    argv = ["fit", str(root / "pbmc.h5ad"), "-o", str(out), "--likelihood", "normal"]
+    argv += ["--signatures", str(root / "sigs.json"), "--labels-key", "partial"]
+    argv += ["--save-model", str(model_dir), "--n-experts", "12", *FAST]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        rc = cli.main(argv)
+    return rc, out, model_dir, buffer.getvalue()
+
+
+def _error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- fit
+def test_fit_writes_annotated_adata_and_summary(files, fitted):
+    _, src = files
+    rc, out, model_dir, printed = fitted
+    assert rc == 0
+    adata = ad.read_h5ad(out)
+    assert adata.obsm["X_moesim"].shape == (src.n_obs, 5)
+    assert adata.obsm["moesim_proba"].shape == (src.n_obs, 12)
+    assert "moesim_cluster" in adata.obs and "moesim" in adata.uns
+    assert adata.uns["moesim"]["params"]["likelihood"] == "normal"
+    assert (model_dir / "model.pt").is_file()
+    # clusters and sizes, then the scores on the labelled cells only
+    counts = adata.obs["moesim_cluster"].value_counts()
+    assert "experts hold cells" in printed
+    for name, n in counts.items():
+        assert any(ln.split() == [*str(name).split(), str(n)] for ln in printed.splitlines())
+    n_labelled = int((adata.obs["partial"] != "unknown").sum())
+    assert f"agreement with partial on {n_labelled} labelled cells: f_measure" in printed
+    assert "nmi" in printed and "ari" in printed
+
+
+def test_fit_never_overwrites(files, fitted, capsys):
+    root, _ = files
+    _, out, model_dir, _ = fitted
+    before = out.stat().st_mtime_ns
+    argv = ["fit", str(root / "pbmc.h5ad"), "-o", str(out), "--likelihood", "normal", *FAST]
+    assert cli.main(argv) == 1
+    assert "pass --force" in _error_line(capsys.readouterr().err)
+    assert out.stat().st_mtime_ns == before
+    other = root / "other.h5ad"
+    argv = ["fit", str(root / "pbmc.h5ad"), "-o", str(other), "--save-model", str(model_dir)]
+    assert cli.main([*argv, "--likelihood", "normal", *FAST]) == 1
+    assert "model directory" in _error_line(capsys.readouterr().err)
+    assert not other.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--layer", "counts"], "layer 'counts' not found"),
+        (["--labels-key", "nope"], "labels_key 'nope' not found"),
+        (["--batch-key", "nope"], "batch_key 'nope' not found"),
+        (["--embedding-key", "X_nope"], "embedding_key 'X_nope' not found"),
+        (["--likelihood", "nb"], "needs raw counts"),
+        (["--signatures", "BADSIGS"], "not found in adata.var_names"),
+        (["--signatures", "MISSING"], "does not exist"),
+    ],
+)
+def test_fit_input_errors_are_one_line(files, capsys, extra, message):
+    root, _ = files
+    (root / "bad_sigs.tsv").write_text("B cell\tCD79A\nB cell\tNOT_A_GENE\n")
+    extra = [
+        str(root / "bad_sigs.tsv")
+        if e == "BADSIGS"
+        else str(root / "no.json")
+        if e == "MISSING"
+        else e
+        for e in extra
+    ]
+    argv = ["fit", str(root / "pbmc.h5ad"), "-o", str(root / "never.h5ad"), *extra, "--quiet"]
+    if "--likelihood" not in extra:
+        argv += ["--likelihood", "normal"]
+    assert cli.main(argv) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert message in line
+    assert not line.startswith("error: '")  # KeyError messages without repr quotes
+    assert not (root / "never.h5ad").exists()
+
+
+def test_fit_bad_input_files(tmp_path, capsys):
+    assert cli.main(["fit", str(tmp_path / "missing.h5ad"), "-o", str(tmp_path / "o.h5ad")]) == 1
+    assert "does not exist" in _error_line(capsys.readouterr().err)
+    bad = tmp_path / "bad.h5ad"
+    bad.write_text("not an h5ad file")
+    assert cli.main(["fit", str(bad), "-o", str(tmp_path / "o.h5ad")]) == 1
+    assert "cannot read" in _error_line(capsys.readouterr().err)
+
+
+def test_fit_counts_layer_with_csv_signatures(kidney, tmp_path, capsys):
+    kidney.X = sparse.csr_matrix(np.log1p(kidney.layers["counts"].toarray()))  # X is not counts
+    kidney.write_h5ad(tmp_path / "kidney.h5ad")
+    (tmp_path / "sigs.tsv").write_text(
+        "".join(f"{k}\t{g}\n" for k, v in KIDNEY_SIGS.items() for g in v)
+    )
+    out, model_dir = tmp_path / "k.h5ad", tmp_path / "kmodel"
+    argv = ["fit", str(tmp_path / "kidney.h5ad"), "-o", str(out), "--layer", "counts"]
+    argv += ["--signatures", str(tmp_path / "sigs.tsv"), "--save-model", str(model_dir), *FAST]
+    assert cli.main(argv) == 0
+    adata = ad.read_h5ad(out)
+    assert set(KIDNEY_SIGS) <= set(adata.uns["moesim"]["cluster_names"])
+    assert adata.uns["moesim"]["params"]["likelihood"] == "nb"
+    capsys.readouterr()
+    gen = tmp_path / "g.h5ad"
+    argv = ["generate", str(model_dir), "--adata", str(tmp_path / "kidney.h5ad")]
+    assert cli.main([*argv, "--n-cells", "30", "-o", str(gen)]) == 0
+    assert "generating" in capsys.readouterr().err  # progress bar without --quiet
+    new = ad.read_h5ad(gen)
+    assert new.n_obs == 30 and sparse.issparse(new.X)
+    assert np.array_equal(new.X.data, np.round(new.X.data))
+
+
+# ---------------------------------------------------------------- generate
+def test_generate_chosen_clusters_reproducible(files, fitted, capsys):
+    root, _ = files
+    _, _, model_dir, _ = fitted
+    names = ad.read_h5ad(root / "fit.h5ad").obs["moesim_cluster"].value_counts().index[:2]
+    out = root / "gen.h5ad"
+    argv = ["generate", str(model_dir), "--adata", str(root / "pbmc.h5ad"), "--n-cells", "40"]
+    argv += ["--clusters", *map(str, names), "--seed", "3", "--temperature", "0.5", "--quiet"]
+    assert cli.main([*argv, "-o", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "generated 40 cells" in printed.out and "generating" not in printed.err
+    first = ad.read_h5ad(out)
+    assert first.n_obs == 40
+    assert set(first.obs["moesim_cluster"].astype(str)) <= set(map(str, names))
+    assert first.uns["moesim_generate"]["temperature"] == 0.5
+    assert cli.main([*argv, "-o", str(out)]) == 1  # no --force
+    assert "pass --force" in _error_line(capsys.readouterr().err)
+    assert cli.main([*argv, "-o", str(out), "--force"]) == 0
+    np.testing.assert_array_equal(ad.read_h5ad(out).X, first.X)
+
+
+def test_generate_errors(files, fitted, tmp_path, capsys):
+    root, _ = files
+    _, _, model_dir, _ = fitted
+    base = ["--n-cells", "5", "-o", str(tmp_path / "g.h5ad"), "--quiet"]
+    assert cli.main(["generate", str(tmp_path / "nomodel"), *base]) == 1
+    assert "does not exist" in _error_line(capsys.readouterr().err)
+    assert cli.main(["generate", str(model_dir), *base]) == 1
+    assert "--adata" in _error_line(capsys.readouterr().err)
+    argv = ["generate", str(model_dir), "--adata", str(root / "pbmc.h5ad"), *base]
+    assert cli.main([*argv, "--clusters", "no such cluster"]) == 1
+    assert "Unknown cluster" in _error_line(capsys.readouterr().err)
+    wrong = tmp_path / "wrong.h5ad"
+    ad.read_h5ad(root / "pbmc.h5ad")[:, :100].copy().write_h5ad(wrong)
+    assert cli.main(["generate", str(model_dir), "--adata", str(wrong), *base]) == 1
+    assert "cannot load the model" in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / "g.h5ad").exists()
+
+
+# ---------------------------------------------------------------- signatures files
+def test_read_signatures_formats(tmp_path):
+    genes = ["CD79A", "MS4A1", "LYZ"]
+    expected = {"B": ["CD79A", "MS4A1"], "Mono": ["LYZ"]}
+    (tmp_path / "a.json").write_text('{"B": ["CD79A", "MS4A1"], "Mono": "LYZ"}')
+    assert cli.read_signatures(tmp_path / "a.json", genes) == {
+        "B": ["CD79A", "MS4A1"],
+        "Mono": "LYZ",  # single genes are accepted by setup_anndata
+    }
+    (tmp_path / "b.csv").write_text("cluster,gene\nB,CD79A\nB,MS4A1\n\n# comment\nMono,LYZ\n")
+    assert cli.read_signatures(tmp_path / "b.csv", genes) == expected
+    (tmp_path / "c.csv").write_text("B,CD79A\nB,MS4A1\nMono,LYZ\n")  # no header
+    assert cli.read_signatures(tmp_path / "c.csv", genes) == expected
+    (tmp_path / "d.tsv").write_text("cell type\tmarker\nB\tCD79A\nB\tMS4A1\nMono\tLYZ\n")
+    assert cli.read_signatures(tmp_path / "d.tsv", genes) == expected
+    (tmp_path / "e.txt").write_text("B\tCD79A\nB\tMS4A1\nMono\tLYZ\n")
+    assert cli.read_signatures(tmp_path / "e.txt", genes) == expected
+    (tmp_path / "bad.csv").write_text("B,CD79A,extra\n")
+    with pytest.raises(cli.CLIError, match="line 1: expected two columns"):
+        cli.read_signatures(tmp_path / "bad.csv", genes)
+    (tmp_path / "bad.json").write_text('["CD79A"]')
+    with pytest.raises(cli.CLIError, match="JSON object"):
+        cli.read_signatures(tmp_path / "bad.json", genes)
+    (tmp_path / "broken.json").write_text('{"B": [')
+    with pytest.raises(cli.CLIError, match="cannot parse"):
+        cli.read_signatures(tmp_path / "broken.json", genes)
+
+
+def test_unlabeled_category_follows_column_type():
+    assert cli._coerce_category(pd.Series([0, 1, -1]), "-1") == -1
+    assert cli._coerce_category(pd.Series(pd.Categorical([0, 1, -1])), "-1") == -1
+    assert cli._coerce_category(pd.Series([0.5, np.nan]), "0.5") == 0.5
+    assert cli._coerce_category(pd.Series(["a", "unknown"]), "unknown") == "unknown"
+
+
+# ---------------------------------------------------------------- help, demo
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        (
+            "fit",
+            ["--layer", "--batch-key", "--labels-key", "--unlabeled-category", "--signatures"]
+            + ["--embedding-key", "--n-experts", "--n-latent", "--likelihood", "--epochs"]
+            + ["--batch-size", "--accelerator", "--seed", "--save-model", "--force", "--quiet"],
+        ),
+        (
+            "generate",
+            ["--adata", "--n-cells", "--clusters", "--seed", "--temperature", "-o", "--force"],
+        ),
+        ("demo", ["--output", "--epochs", "--figure", "--force", "--quiet"]),
+    ],
+)
+def test_help_explains_options(capsys, command, options):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for option in options:
+        assert option in text
+
+
+def test_bad_option_values_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["fit", "x.h5ad", "-o", "y.h5ad", "--likelihood", "gamma"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "m", "--n-cells", "0", "-o", "g.h5ad"])
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_demo_writes_figure(tmp_path, capsys):
+    out = tmp_path / "demo.h5ad"
+    assert cli.main(["demo", "-o", str(out), "--epochs", "1", "--quiet"]) == 0
+    png = tmp_path / "demo.png"
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
+    assert "agreement with bulk_labels: f_measure" in capsys.readouterr().out
+    out.unlink()  # the figure alone also blocks a rerun without --force
+    assert cli.main(["demo", "-o", str(out), "--epochs", "1", "--quiet"]) == 1
+    assert "pass --force" in _error_line(capsys.readouterr().err)
