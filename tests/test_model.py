@@ -316,3 +316,50 @@ def test_cluster_names_with_slashes_survive_h5ad(pbmc, tmp_path):
     gback = ad.read_h5ad(tmp_path / "g.h5ad")
     assert list(gback.uns["moesim_generate"]["clusters"]) == ["CD4+/CD25 T Reg", "CD19+ B"]
     assert gback.uns["moesim_generate"]["n_cells"].sum() == 20
+
+
+def test_non_unique_names_rejected(kidney):
+    dup = kidney.copy()
+    dup.var_names = [kidney.var_names[0]] * 2 + list(kidney.var_names[2:])
+    with pytest.raises(ValueError, match="var_names are not unique"):
+        MoESim.setup_anndata(dup, layer="counts")
+    dup = kidney.copy()
+    dup.obs_names = ["c"] * kidney.n_obs
+    with pytest.raises(ValueError, match="obs_names are not unique"):
+        MoESim.setup_anndata(dup, layer="counts")
+    with pytest.raises(ValueError, match="adata is empty"):
+        MoESim.setup_anndata(kidney[:, :0].copy(), layer="counts")
+
+
+@pytest.mark.parametrize("fmt", ["csc", "dense64", "int32"])
+def test_input_formats_and_all_zero_cells(kidney, fmt):
+    x = kidney.layers["counts"].tocsr().astype(np.float64)
+    x[:3] = 0  # all-zero cells must not break training (library size 0)
+    x.eliminate_zeros()
+    kidney.layers["counts"] = {
+        "csc": sparse.csc_matrix(x),
+        "dense64": x.toarray(),
+        "int32": sparse.csr_matrix(x, dtype=np.int32),
+    }[fmt]
+    model = _trained(kidney, {"layer": "counts", "signatures": KIDNEY_SIGS}, n_experts=4)
+    z = model.get_latent_representation()
+    assert np.isfinite(z).all()
+    usage = model.expert_usage()
+    assert usage.sum() == kidney.n_obs and list(usage.index) == model.cluster_names_
+
+
+def test_paper_options_train(kidney):
+    """The paper's Eq. 3 KL and DEPICT (pi_2 = 1) stay available as options."""
+    model = _trained(
+        kidney,
+        {"layer": "counts", "signatures": KIDNEY_SIGS},
+        n_experts=4,
+        kl="paper",
+        depict_weight=1.0,
+    )
+    hist = model.history
+    assert np.isfinite(hist["depict_loss_train"].to_numpy(dtype=float)).all()
+    assert (hist["depict_loss_train"].to_numpy(dtype=float) > 0).all()
+    assert model.module.kl == "paper" and model.module.depict_weight == 1.0
+    with pytest.raises(ValueError, match="kl must be 'mixture' or 'paper'"):
+        MoESim(kidney, kl="vade")

@@ -83,7 +83,7 @@ class MoESimModule(BaseModuleClass):
         kl: K.KLKind = "mixture",
         kl_weight: float = 1.0,
         clustering_weight: float = 1.0,
-        depict_weight: float = 1.0,
+        depict_weight: float = 0.0,
         use_labels: bool = False,
         signature_scorer: SignatureScorer | None = None,
         use_embedding: bool = False,
@@ -276,8 +276,12 @@ class MoESimModule(BaseModuleClass):
             kl = kl_paper(z, p).expand(x.shape[0])
         kl_scaled = kl_weight * self.kl_weight * kl
 
-        log_p_noisy = torch.log_softmax(self.gate_logits(z, dropout=True), dim=-1)
-        depict = depict_loss(p, log_p_noisy).mean()
+        if self.depict_weight > 0:
+            log_p_noisy = torch.log_softmax(self.gate_logits(z, dropout=True), dim=-1)
+            depict = depict_loss(p, log_p_noisy).mean()
+        else:  # skip the noisy pass; still report the term for the record
+            with torch.no_grad():
+                depict = depict_loss(p, torch.log(p.clamp_min(1e-12))).mean()
         sim_mask = self.minibatch_similarity(tensors, inference_outputs["library"])
         if sim_mask is None:
             sim = torch.zeros((), device=x.device)
