@@ -5,7 +5,6 @@ matplotlib.use("Agg")
 import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 import pytest
 import scanpy as sc
 import scvi
