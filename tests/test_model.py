@@ -363,3 +363,12 @@ def test_paper_options_train(kidney):
     assert model.module.kl == "paper" and model.module.depict_weight == 1.0
     with pytest.raises(ValueError, match="kl must be 'mixture' or 'paper'"):
         MoESim(kidney, kl="vade")
+
+
+def test_generate_progress_bar_and_chunks_do_not_change_cells(kidney, capsys):
+    model = _trained(kidney, {"layer": "counts", "signatures": KIDNEY_SIGS}, n_experts=4)
+    a = model.generate(25, seed=5, chunk_size=7, progress_bar=True)
+    assert "generating" in capsys.readouterr().err
+    b = model.generate(25, seed=5)
+    np.testing.assert_array_equal(a.obs["moesim_expert"], b.obs["moesim_expert"])
+    assert a.n_obs == 25 and b.n_obs == 25

@@ -269,39 +269,6 @@ def _n_epochs(model) -> int | None:
     return None
 
 
-@contextmanager
-def _generation_progress(model, total: int, enabled: bool) -> Iterator[None]:
-    """Progress bar over the cells decoded by ``model.generate`` (one update per chunk).
-
-    ``generate`` decodes in chunks with ``module.sample_from_experts``; the bar wraps that
-    method for the duration of the call, so the generated cells are exactly the same as
-    without it.
-    """
-    if not enabled or total <= 0:
-        yield
-        return
-    from tqdm.auto import tqdm
-
-    module = model.module
-    original = module.sample_from_experts
-    bars: list = []  # created on the first chunk, so that failed calls draw no bar
-
-    def counted(expert, *args, **kwargs):
-        out = original(expert, *args, **kwargs)
-        if not bars:
-            bars.append(tqdm(total=total, desc="generating", unit="cells", file=sys.stderr))
-        bars[0].update(int(expert.shape[0]))
-        return out
-
-    module.sample_from_experts = counted
-    try:
-        yield
-    finally:
-        del module.sample_from_experts
-        for bar in bars:
-            bar.close()
-
-
 def _write_umap_figure(
     adata: AnnData, color: Sequence[str], path: Path, seed: int, latent_key: str = "X_moesim"
 ) -> None:
@@ -434,13 +401,14 @@ def _generate(args: argparse.Namespace) -> int:
 
     with _user_errors(f"cannot load the model from {model_dir}: "):
         model = MoESim.load(str(model_dir), adata=adata, accelerator=args.accelerator)
-    with _user_errors(), _generation_progress(model, args.n_cells, not args.quiet):
+    with _user_errors():
         generated = model.generate(
             args.n_cells,
             clusters=args.clusters,
             temperature=args.temperature,
             batch=args.batch,
             seed=args.seed,
+            progress_bar=not args.quiet,
         )
     record = generated.uns["moesim_generate"]
     per_cluster = dict(zip(record["clusters"], record["n_cells"], strict=True))

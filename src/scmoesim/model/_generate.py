@@ -23,6 +23,7 @@ class GenerateMixin:
         batch: str | None = None,
         seed: int | None = 0,
         chunk_size: int = 10_000,
+        progress_bar: bool = False,
     ) -> AnnData:
         """Generate new cells of chosen clusters.
 
@@ -47,6 +48,8 @@ class GenerateMixin:
             Seed of the generation (``None``: not reproducible). Does not touch global RNGs.
         chunk_size
             Cells generated per chunk (bounds the memory of the decoder pass).
+        progress_bar
+            Show a progress bar over the chunks (on stderr).
 
         Returns
         -------
@@ -74,7 +77,12 @@ class GenerateMixin:
             torch.manual_seed(
                 int(rng.integers(2**31 - 1)) if seed is not None else torch.seed() % (2**31)
             )
-            for start in range(0, len(experts), chunk_size):
+            starts = range(0, len(experts), chunk_size)
+            if progress_bar and len(experts) > 0:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc="generating", unit="chunk", total=len(starts))
+            for start in starts:
                 sl = slice(start, start + chunk_size)
                 e = torch.as_tensor(experts[sl], device=device)
                 b = torch.as_tensor(batches[sl], device=device)[:, None]
