@@ -109,13 +109,16 @@ def main() -> None:
     parser.add_argument("--kl", default=None, help="override the KL kind (mixture|paper)")
     parser.add_argument("--model-kwargs", default="{}", help="extra MoESim kwargs as JSON")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 avoids a spinning OMP worker)"
+    )
     args = parser.parse_args()
     import json
 
     model_kwargs = json.loads(args.model_kwargs)
     if args.kl:
         model_kwargs["kl"] = args.kl
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     rows = []
     for seed in args.seeds:
         for name in args.datasets:

@@ -372,3 +372,35 @@ def test_generate_progress_bar_and_chunks_do_not_change_cells(kidney, capsys):
     b = model.generate(25, seed=5)
     np.testing.assert_array_equal(a.obs["moesim_expert"], b.obs["moesim_expert"])
     assert a.n_obs == 25 and b.n_obs == 25
+
+
+def test_keyboard_interrupt_keeps_a_usable_model(pbmc):
+    from lightning.pytorch.callbacks import Callback
+
+    class Interrupt(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise KeyboardInterrupt
+
+    MoESim.setup_anndata(pbmc, signatures={"B": ["CD79A"], "NK": ["NKG7"]})
+    model = MoESim(pbmc, likelihood="normal")
+    with pytest.warns(UserWarning, match=r"interrupted by the user after \d epoch"):
+        model.train(max_epochs=10, enable_progress_bar=False, callbacks=[Interrupt()])
+    assert model.is_trained_
+    assert {"B", "NK"} <= set(model.cluster_names_)
+    assert np.isfinite(model.get_latent_representation()).all()
+    assert len(model.predict()) == pbmc.n_obs
+
+
+def test_other_exceptions_still_propagate(pbmc):
+    from lightning.pytorch.callbacks import Callback
+
+    class Boom(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            raise RuntimeError("boom")
+
+    MoESim.setup_anndata(pbmc, signatures={"B": ["CD79A"]})
+    model = MoESim(pbmc, likelihood="normal")
+    with pytest.raises((RuntimeError, SystemExit)):
+        model.train(max_epochs=3, enable_progress_bar=False, callbacks=[Boom()])
+    assert not model.is_trained_

@@ -11,7 +11,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scmoesim import _constants as K
 from scmoesim.module import MoESimModule
 from scmoesim.similarity import KNN_METRICS, SignatureScorer, validate_signatures
-from scmoesim.train import MoESimTrainingPlan
+from scmoesim.train import InterruptFlag, MoESimTrainingPlan
 
 from . import _validate as V
 from ._fields import PartialLabelsObsField
@@ -281,8 +281,9 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         Notes
         -----
         Set ``scvi.settings.seed`` before creating the model for reproducible results; on the
-        CPU two runs with the same seed are identical. Every loss term is recorded in
-        ``model.history`` (``reconstruction_loss_train``, ``similarity_loss_train``,
+        CPU two runs with the same seed are identical. Interrupting training (Ctrl-C) keeps the
+        model with its last weights, with a warning, instead of exiting. Every loss term is
+        recorded in ``model.history`` (``reconstruction_loss_train``, ``similarity_loss_train``,
         ``depict_loss_train``, ``kl_divergence_train``, ...).
         """
         plan_kwargs = dict(plan_kwargs or {})
@@ -296,17 +297,32 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}.")
         plan_kwargs.setdefault("lr", lr)
         trainer_kwargs.setdefault("check_val_every_n_epoch", None)
-        super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            train_size=train_size,
-            validation_size=validation_size,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            plan_kwargs=plan_kwargs,
-            **trainer_kwargs,
-        )
+        flag = InterruptFlag()
+        trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), flag]
+        try:
+            super().train(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                train_size=train_size,
+                validation_size=validation_size,
+                batch_size=batch_size,
+                early_stopping=early_stopping,
+                plan_kwargs=plan_kwargs,
+                **trainer_kwargs,
+            )
+        except SystemExit:
+            if not flag.interrupted:
+                raise
+            # Lightning exits the process after a Ctrl-C; keep the model with its last weights.
+            warnings.warn(
+                f"Training interrupted by the user after {flag.epochs_done} epoch(s); the model "
+                "keeps its last weights and can be used, saved or trained further.",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.module.eval()
+            self.is_trained_ = True
         self._summarise_training_data()
 
     # ------------------------------------------------------------------ helpers

@@ -1,5 +1,5 @@
 """Training plan: the EM update of the cluster centres and the loss weights during training."""
 
-from ._plan import MoESimTrainingPlan
+from ._plan import InterruptFlag, MoESimTrainingPlan
 
-__all__ = ["MoESimTrainingPlan"]
+__all__ = ["InterruptFlag", "MoESimTrainingPlan"]

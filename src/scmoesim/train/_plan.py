@@ -2,7 +2,27 @@ import inspect
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
 from scvi.train import TrainingPlan
+
+
+class InterruptFlag(Callback):
+    """Remembers whether training stopped on a user interrupt (Ctrl-C / KeyboardInterrupt).
+
+    Lightning shuts down gracefully on a KeyboardInterrupt and then raises ``SystemExit``;
+    :meth:`scmoesim.MoESim.train` uses this flag to keep the model instead of exiting.
+    """
+
+    def __init__(self):
+        self.interrupted = False
+        self.epochs_done = 0
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
+        self.epochs_done = trainer.current_epoch + 1
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:  # noqa: D102
+        if isinstance(exception, KeyboardInterrupt):
+            self.interrupted = True
 
 
 class MoESimTrainingPlan(TrainingPlan):
