@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from scmoesim.module import depict_loss, depict_target, kl_mixture, kl_paper, similarity_bce
+from scmoesim.module import (
+    anchor_loss,
+    depict_loss,
+    depict_target,
+    kl_mixture,
+    kl_paper,
+    similarity_bce,
+)
 
 
 def test_kl_mixture_matches_torch():
@@ -59,3 +66,13 @@ def test_depict_target_eq9_and_detached():
     loss = depict_loss(p, log_noisy).sum()
     loss.backward()
     assert p.grad is None  # the target is not back-propagated
+
+
+def test_anchor_loss_mean_nll_over_known_cells_only():
+    p = torch.tensor([[0.8, 0.2], [0.25, 0.75], [0.5, 0.5]], requires_grad=True)
+    codes = torch.tensor([0, 1, -1])
+    loss = anchor_loss(p, codes)
+    assert loss.item() == pytest.approx(-(math.log(0.8) + math.log(0.75)) / 2, rel=1e-6)
+    loss.backward()
+    assert p.grad[2].abs().sum() == 0  # the unknown cell gets no gradient
+    assert anchor_loss(p, torch.full((3,), -1)).item() == 0

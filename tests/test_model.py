@@ -404,3 +404,18 @@ def test_other_exceptions_still_propagate(pbmc):
     with pytest.raises((RuntimeError, SystemExit)):
         model.train(max_epochs=3, enable_progress_bar=False, callbacks=[Boom()])
     assert not model.is_trained_
+
+
+def test_anchor_pins_each_label_class_to_its_own_expert(pbmc):
+    pbmc.obs["partial"] = (
+        pbmc.obs["bulk_labels"].astype(str).where(np.arange(pbmc.n_obs) % 2 == 0, "unknown")
+    )
+    MoESim.setup_anndata(pbmc, labels_key="partial")
+    scvi.settings.seed = 0
+    model = MoESim(pbmc, likelihood="normal", anchor_weight=5.0)
+    model.train(max_epochs=15, enable_progress_bar=False)
+    classes = model._class_names()
+    # expert k is named after class k: the anchor fixed the correspondence during training
+    assert model.cluster_names_[: len(classes)] == classes
+    hist = model.history["anchor_loss_train"].to_numpy().ravel()
+    assert hist[-1] < hist[0]

@@ -61,6 +61,11 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         because on both signature benchmarks (``benchmarks/``) the DEPICT target's
         square-root frequency balancing (Eq. 9) split large clusters (tubule cells, dendritic
         cells) and lowered F-measure, NMI and ARI. Set it to 1 for the paper's model.
+    anchor_weight
+        Weight, inside the clustering loss, of a per-cell cross-entropy between the gate and the
+        known class of each cell (labels, else signatures), with class ``k`` pinned to expert
+        ``k``. The pairwise loss of Eq. 7 weighs a class by its number of pairs, so a rare
+        class can be absorbed by a large one; the anchor keeps every class its own expert.
     knn_neighbors, knn_metric, knn_threshold
         kNN similarity in the minibatch when ``embedding_key`` was registered: neighbours per
         cell, metric (``"euclidean"``, ``"correlation"``, ``"canberra"``, ``"cosine"``), or a
@@ -96,6 +101,7 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         kl_weight: float = 0.2,
         clustering_weight: float = 0.8,
         depict_weight: float = 0.0,
+        anchor_weight: float = 0.0,
         knn_neighbors: int = 10,
         knn_metric: str = "euclidean",
         knn_threshold: float | None = None,
@@ -149,6 +155,7 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             kl_weight=kl_weight,
             clustering_weight=clustering_weight,
             depict_weight=depict_weight,
+            anchor_weight=anchor_weight,
             use_labels=use_labels,
             signature_scorer=scorer,
             use_embedding=use_embedding,

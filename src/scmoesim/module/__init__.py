@@ -1,6 +1,7 @@
 """The MoE-Sim-VAE torch module: encoder, gating network, expert decoders and loss terms."""
 
 from ._losses import (
+    anchor_loss,
     depict_loss,
     depict_target,
     kl_mixture,
@@ -11,6 +12,7 @@ from ._module import MoESimModule
 
 __all__ = [
     "MoESimModule",
+    "anchor_loss",
     "depict_loss",
     "depict_target",
     "kl_mixture",

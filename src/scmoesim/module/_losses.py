@@ -102,3 +102,28 @@ def depict_loss(p_clean: torch.Tensor, log_p_noisy: torch.Tensor) -> torch.Tenso
     ``(n,)`` ``-sum_k q_ik log p_hat_ik``.
     """
     return -(depict_target(p_clean) * log_p_noisy).sum(-1)
+
+
+def anchor_loss(p: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy between the gate and each known cell's class (expert ``k`` = class ``k``).
+
+    Pins the classes of labels or signatures to their own experts, one cell at a time, so that a
+    small class cannot be absorbed by a large one (the pairwise loss of Eq. 7 gives a class a
+    weight proportional to its number of pairs). The authors' implementation trains the gate with
+    this per-cell term instead of Eq. 7.
+
+    Parameters
+    ----------
+    p
+        ``(n, K)`` gate probabilities.
+    codes
+        ``(n,)`` class index of each cell, ``-1`` where unknown.
+
+    Returns
+    -------
+    Scalar: mean ``-log p[i, codes[i]]`` over the known cells (0 when none is known).
+    """
+    known = (codes >= 0).to(p.dtype)
+    picked = p.gather(1, codes.clamp_min(0).long()[:, None]).squeeze(1)
+    nll = -torch.log(picked.clamp_min(_EPS))
+    return (nll * known).sum() / known.sum().clamp_min(1.0)

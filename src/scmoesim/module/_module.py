@@ -14,7 +14,7 @@ from scmoesim.similarity import (
 )
 
 from ._likelihoods import expert_heads, make_distribution, reconstruction_nll
-from ._losses import depict_loss, kl_mixture, kl_paper, similarity_bce
+from ._losses import anchor_loss, depict_loss, kl_mixture, kl_paper, similarity_bce
 
 
 class MoESimModule(BaseModuleClass):
@@ -84,6 +84,7 @@ class MoESimModule(BaseModuleClass):
         kl_weight: float = 1.0,
         clustering_weight: float = 1.0,
         depict_weight: float = 0.0,
+        anchor_weight: float = 0.0,
         use_labels: bool = False,
         signature_scorer: SignatureScorer | None = None,
         use_embedding: bool = False,
@@ -109,6 +110,7 @@ class MoESimModule(BaseModuleClass):
         self.kl_weight = kl_weight
         self.clustering_weight = clustering_weight
         self.depict_weight = depict_weight
+        self.anchor_weight = anchor_weight
         self.dispersion = dispersion
         self.use_labels = use_labels
         self.use_embedding = use_embedding
@@ -233,15 +235,27 @@ class MoESimModule(BaseModuleClass):
         return {"px": px, "heads": heads}
 
     # ------------------------------------------------------------------ similarity
-    def minibatch_similarity(
+    def known_classes(
         self, tensors: dict[str, torch.Tensor], library: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Per-source ``(n,)`` class codes of a minibatch (labels, then signatures; -1 unknown)."""
+        codes = []
+        if self.use_labels:
+            codes.append(tensors[K.LABELS_KEY].reshape(-1).round().long())
+        if self.signature_scorer is not None:
+            codes.append(self.signature_scorer(tensors[K.X_KEY], library))
+        return codes
+
+    def minibatch_similarity(
+        self,
+        tensors: dict[str, torch.Tensor],
+        library: torch.Tensor | None = None,
+        codes: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Combined ``(S, mask)`` for a minibatch (labels > signatures > kNN), or ``None``."""
-        sources = []
-        if self.use_labels:
-            sources.append(label_similarity(tensors[K.LABELS_KEY]))
-        if self.signature_scorer is not None:
-            sources.append(label_similarity(self.signature_scorer(tensors[K.X_KEY], library)))
+        if codes is None:
+            codes = self.known_classes(tensors, library)
+        sources = [label_similarity(c) for c in codes]
         if self.use_embedding:
             sources.append(
                 knn_similarity(
@@ -282,14 +296,19 @@ class MoESimModule(BaseModuleClass):
         else:  # skip the noisy pass; still report the term for the record
             with torch.no_grad():
                 depict = depict_loss(p, torch.log(p.clamp_min(1e-12))).mean()
-        sim_mask = self.minibatch_similarity(tensors, inference_outputs["library"])
+        codes = self.known_classes(tensors, inference_outputs["library"])
+        sim_mask = self.minibatch_similarity(tensors, codes=codes)
         if sim_mask is None:
             sim = torch.zeros((), device=x.device)
             known = torch.zeros((), device=x.device)
         else:
             sim, n_pairs = similarity_bce(p, *sim_mask)
             known = n_pairs / float(max(x.shape[0] * (x.shape[0] - 1), 1))
-        clustering = self.clustering_weight * (sim + self.depict_weight * depict)
+        # Class codes of the first source (labels, else signatures) index the experts directly.
+        anchor = anchor_loss(p, codes[0]) if codes else torch.zeros((), device=x.device)
+        clustering = self.clustering_weight * (
+            sim + self.depict_weight * depict + self.anchor_weight * anchor
+        )
         loss = (rec + kl_scaled).mean() + clustering
         return LossOutput(
             loss=loss,
@@ -299,6 +318,7 @@ class MoESimModule(BaseModuleClass):
                 "kl_divergence": kl.mean().detach(),
                 "similarity_loss": sim.detach(),
                 "depict_loss": depict.detach(),
+                "anchor_loss": anchor.detach(),
                 "clustering_loss": clustering.detach(),
                 "known_pair_fraction": known.detach(),
             },
