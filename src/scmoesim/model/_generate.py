@@ -1,7 +1,11 @@
 """Generation of new cells by the experts of a trained :class:`MoESim`."""
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
 
+import anndata
+import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -19,118 +23,159 @@ class GenerateMixin:
         n_cells: int | Mapping[str, int] = 1000,
         clusters: Sequence[str] | None = None,
         *,
+        proportions: Literal["training", "uniform"] | Mapping[str, float] = "training",
         temperature: float = 1.0,
         batch: str | None = None,
         seed: int | None = 0,
-        chunk_size: int = 10_000,
+        store_mean: bool | None = None,
+        filename: str | Path | None = None,
+        chunk_size: int = 2048,
         progress_bar: bool = False,
     ) -> AnnData:
         """Generate new cells of chosen clusters.
 
         For each requested cell of cluster ``k``: ``z ~ N(mu_k, temperature^2 I)``, decoded by
         expert ``k``; for count likelihoods the library size is drawn from the real training
-        cells of that cluster (and batch), and counts are sampled from the likelihood.
+        cells of that cluster (and batch), and counts are sampled exactly from the likelihood.
 
         Parameters
         ----------
         n_cells
-            Total number of cells, split over ``clusters`` in the proportions of the training
-            data; or ``{cluster: n}`` for exact numbers per cluster.
+            Total number of cells, split over the clusters by ``proportions``; or
+            ``{cluster: n}`` for exact numbers per cluster.
         clusters
-            Cluster names (see ``model.cluster_names_``); ``None``: every cluster that holds
-            training cells.
+            Cluster names (see ``model.cluster_names_``) to generate; ``None``: every cluster
+            that holds training cells (or the clusters named in ``proportions``).
+        proportions
+            How an integer ``n_cells`` is split: ``"training"`` (default) in the proportions of
+            the training cells per cluster, ``"uniform"`` equally, or ``{cluster: weight}``
+            (weights are normalised; give no ``clusters`` then). Rounded so that the numbers
+            add up to ``n_cells`` exactly.
         temperature
-            Scale of the latent noise around the cluster centre (1 = the model's prior).
+            Scale of the latent noise around the cluster centre (1 = the model's prior,
+            0 = decode the centre only; the counts are still sampled).
         batch
-            Batch category to decode with (if a ``batch_key`` was registered); ``None`` draws
-            batches in each cluster's training proportions.
+            Batch category to decode with (if a ``batch_key`` was registered); library sizes
+            then come from that batch's cells of the cluster. ``None`` draws batches in each
+            cluster's training proportions.
         seed
             Seed of the generation (``None``: not reproducible). Does not touch global RNGs.
+            The same seed, ``chunk_size`` and device give the same cells.
+        store_mean
+            Store the expected values in ``layers["mean"]`` (dense, ``4 * n_cells * n_genes``
+            bytes). Default: ``True`` in memory, ``False`` with ``filename``.
+        filename
+            Write the cells chunk by chunk to this ``.h5ad`` file (must not exist yet) and
+            return it opened in backed mode: ``X`` stays on disk, so memory stays that of one
+            chunk. (anndata reads ``layers`` into memory even in backed mode: leave
+            ``store_mean`` off for large files.)
         chunk_size
-            Cells generated per chunk (bounds the memory of the decoder pass).
+            Cells decoded and sampled at once; bounds the working memory (about
+            ``20 * chunk_size * n_genes`` bytes).
         progress_bar
-            Show a progress bar over the chunks (on stderr).
+            Show a progress bar (on stderr).
 
         Returns
         -------
-        AnnData with the model's ``var``; ``X`` holds sampled values (integer counts, CSR, for
-        count likelihoods; probabilities for ``bernoulli``), ``layers["mean"]`` the expected
-        values, ``obs["moesim_cluster"]`` and ``obs["moesim_expert"]`` (and ``obs["batch"]``
-        with a batch covariate); ``uns["moesim_generate"]`` records the settings
-        (``clusters`` and ``n_cells`` per cluster, ``temperature``, ``seed``, ``likelihood``).
+        AnnData with the model's ``var``, cells grouped by cluster. ``X``: sampled counts as
+        CSR ``int32`` for count likelihoods (``nb``, ``zinb``, ``poisson``), ``float32`` draws
+        for ``normal``, probabilities for ``bernoulli`` (the model's data are in [0, 1]).
+        ``layers["mean"]``: expected values (see ``store_mean``). ``obs["moesim_cluster"]``,
+        ``obs["moesim_expert"]``, ``obs["batch"]`` (with a batch covariate) and
+        ``obs["library_size"]`` (count likelihoods: the drawn library size).
+        ``uns["moesim_generate"]`` records how it was made (``clusters`` and ``n_cells`` per
+        cluster, ``proportions``, ``temperature``, ``batch``, ``seed``, ``chunk_size``,
+        ``likelihood``).
+
+        Examples
+        --------
+        >>> model.generate(500, clusters=["B cell"])
+        >>> model.generate({"B cell": 100, "NK cell": 50}, temperature=0.5)
+        >>> model.generate(1000, proportions={"B cell": 0.2, "NK cell": 0.8})
+        >>> model.generate(1_000_000, filename="generated.h5ad", progress_bar=True)
         """
         self._check_if_trained(warn=True)
-        per_expert = self._cells_per_expert(n_cells, clusters)
-        if temperature < 0 or not np.isfinite(temperature):
+        per_expert = self._cells_per_expert(n_cells, clusters, proportions)
+        if isinstance(temperature, bool) or not (
+            isinstance(temperature, int | float) and np.isfinite(temperature) and temperature >= 0
+        ):
             raise ValueError(f"temperature must be a non-negative number, got {temperature!r}.")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+        if filename is not None:
+            filename = Path(filename)
+            if filename.suffix != ".h5ad":
+                raise ValueError(f"filename must end in .h5ad, got {str(filename)!r}.")
+            if filename.exists():
+                raise FileExistsError(f"{filename} exists; remove it or choose another name.")
+            if not filename.parent.is_dir():
+                raise FileNotFoundError(f"The folder of {filename} does not exist.")
+        if store_mean is None:
+            store_mean = filename is None
+
         rng = np.random.default_rng(seed)
         experts = np.repeat(np.arange(len(per_expert)), per_expert)
         batches = self._draw_batches(experts, batch, rng)
         libraries = self._draw_libraries(experts, batches, rng)
-
         module = self.module
         module.eval()
         device = self.device
-        samples, means = [], []
-        gen = torch.random.fork_rng(devices=[] if device.type == "cpu" else [device])
-        with gen, torch.inference_mode():
-            torch.manual_seed(
-                int(rng.integers(2**31 - 1)) if seed is not None else torch.seed() % (2**31)
-            )
-            starts = range(0, len(experts), chunk_size)
-            if progress_bar and len(experts) > 0:
-                from tqdm.auto import tqdm
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(rng.integers(2**63 - 1)))
 
-                starts = tqdm(starts, desc="generating", unit="chunk", total=len(starts))
-            for start in starts:
-                sl = slice(start, start + chunk_size)
-                e = torch.as_tensor(experts[sl], device=device)
-                b = torch.as_tensor(batches[sl], device=device)[:, None]
-                lib = (
-                    torch.as_tensor(libraries[sl], device=device, dtype=torch.float32)[:, None]
-                    if libraries is not None
-                    else None
-                )
-                sample, mean = module.sample_from_experts(e, lib, b, temperature)
-                means.append(mean.cpu().numpy().astype(np.float32))
-                if module.is_count:
-                    samples.append(sparse.csr_matrix(sample.cpu().numpy().astype(np.int32)))
-                else:
-                    samples.append(sample.cpu().numpy().astype(np.float32))
-        n_var = self.adata.n_vars
-        if module.is_count:
-            x = (
-                sparse.vstack(samples, format="csr")
-                if samples
-                else sparse.csr_matrix((0, n_var), dtype=np.int32)
-            )
-        else:
-            x = np.concatenate(samples) if samples else np.zeros((0, n_var), np.float32)
-        mean = np.concatenate(means) if means else np.zeros((0, n_var), np.float32)
-
+        obs = self._generated_obs(experts, batches, libraries)
         names = np.asarray(self.cluster_names_, dtype=object)
-        obs = pd.DataFrame(
-            {
-                K.CLUSTER_KEY: pd.Categorical(
-                    names[experts], categories=[c for c in self._category_order()]
-                ),
-                K.EXPERT_KEY: experts.astype(np.int64),
-            },
-            index=[f"generated_{i}" for i in range(len(experts))],
-        )
-        batch_names = self._batch_categories()
-        if batch_names is not None:
-            obs["batch"] = pd.Categorical(batch_names[batches], categories=batch_names)
-        out = AnnData(X=x, obs=obs, var=self.adata.var.copy())
-        out.layers["mean"] = mean
-        out.uns["moesim_generate"] = {
+        record = {
             "clusters": [str(names[k]) for k in np.flatnonzero(per_expert)],
             "n_cells": per_expert[per_expert > 0].astype(np.int64),
+            "proportions": proportions if isinstance(proportions, str) else "given",
             "temperature": float(temperature),
-            "seed": seed,
+            "batch": "drawn" if batch is None else str(batch),
+            "seed": -1 if seed is None else int(seed),
+            "chunk_size": int(chunk_size),
             "likelihood": module.likelihood,
         }
-        return out
+        n_obs, n_var = len(experts), self.adata.n_vars
+        kind = "counts" if module.is_count else "dense"
+        writer = (
+            _H5adWriter(filename, obs, self.adata.var.copy(), record, kind, store_mean)
+            if filename is not None
+            else _MemoryWriter(obs, self.adata.var.copy(), record, kind, store_mean)
+        )
+        bar = None
+        if progress_bar and n_obs > 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_obs, desc="generating", unit="cell", unit_scale=True)
+        try:
+            with torch.inference_mode():
+                for start in range(0, n_obs, chunk_size):
+                    sl = slice(start, min(start + chunk_size, n_obs))
+                    lib = (
+                        torch.as_tensor(libraries[sl], device=device, dtype=torch.float32)[:, None]
+                        if libraries is not None
+                        else None
+                    )
+                    out = module.sample_from_experts(
+                        torch.as_tensor(experts[sl], device=device),
+                        lib,
+                        torch.as_tensor(batches[sl], device=device)[:, None],
+                        float(temperature),
+                        generator=generator,
+                    )
+                    writer.add(_chunk_to_numpy(out, sl.stop - sl.start, n_var, kind, store_mean))
+                    if bar is not None:
+                        bar.update(sl.stop - sl.start)
+            result = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return result
 
     # ------------------------------------------------------------------ helpers
     def _batch_categories(self) -> np.ndarray | None:
@@ -140,21 +185,62 @@ class GenerateMixin:
         mapping = self.adata_manager.get_state_registry(K.BATCH_KEY).categorical_mapping
         return np.asarray(mapping, dtype=object)
 
+    def _generated_obs(
+        self, experts: np.ndarray, batches: np.ndarray, libraries: np.ndarray | None
+    ) -> pd.DataFrame:
+        names = np.asarray(self.cluster_names_, dtype=object)
+        index = pd.Index("generated_" + pd.RangeIndex(len(experts)).astype(str))
+        obs = pd.DataFrame(
+            {
+                K.CLUSTER_KEY: pd.Categorical(names[experts], categories=self._category_order()),
+                K.EXPERT_KEY: experts.astype(np.int64),
+            },
+            index=index,
+        )
+        batch_names = self._batch_categories()
+        if batch_names is not None:
+            obs["batch"] = pd.Categorical(batch_names[batches], categories=batch_names)
+        if libraries is not None:
+            obs["library_size"] = libraries.astype(np.float32)
+        return obs
+
     def _cells_per_expert(
-        self, n_cells: int | Mapping[str, int], clusters: Sequence[str] | None
+        self,
+        n_cells: int | Mapping[str, int],
+        clusters: Sequence[str] | None,
+        proportions: str | Mapping[str, float] = "training",
     ) -> np.ndarray:
         names = list(self.cluster_names_)
         index = {n: k for k, n in enumerate(names)}
         per_expert = np.zeros(len(names), dtype=np.int64)
         usage = np.asarray(getattr(self, "expert_usage_", np.ones(len(names))), dtype=float)
+        given = isinstance(proportions, Mapping)
+        if not given and proportions not in ("training", "uniform"):
+            raise ValueError(
+                "proportions must be 'training', 'uniform' or {cluster: weight}, got "
+                f"{proportions!r}."
+            )
         if isinstance(n_cells, Mapping):
-            if clusters is not None:
-                raise ValueError("Give either n_cells as {cluster: n} or clusters, not both.")
+            if clusters is not None or given:
+                raise ValueError(
+                    "n_cells as {cluster: n} already fixes every cluster's number; give no "
+                    "clusters or proportions with it."
+                )
             _check_cluster_names(n_cells.keys(), index)
             for name, n in n_cells.items():
                 per_expert[index[str(name)]] = _check_count(n)
             return per_expert
         total = _check_count(n_cells)
+        if given:
+            if clusters is not None:
+                raise ValueError("Give either clusters or proportions as {cluster: weight}.")
+            _check_cluster_names(proportions.keys(), index)
+            chosen = [index[str(c)] for c in proportions]
+            weights = np.array([_check_weight(w) for w in proportions.values()], dtype=float)
+            if len(weights) == 0 or weights.sum() <= 0:
+                raise ValueError("proportions must contain at least one positive weight.")
+            per_expert[chosen] = _largest_remainder(total, weights)
+            return per_expert
         if clusters is None:
             chosen = [k for k in range(len(names)) if usage[k] > 0]
         else:
@@ -162,7 +248,11 @@ class GenerateMixin:
                 clusters = [clusters]
             _check_cluster_names(clusters, index)
             chosen = list(dict.fromkeys(index[str(c)] for c in clusters))
-        weights = usage[chosen] if usage[chosen].sum() > 0 else np.ones(len(chosen))
+            if not chosen:
+                raise ValueError("clusters is empty; give at least one cluster name.")
+        weights = usage[chosen]
+        if proportions == "uniform" or weights.sum() <= 0:
+            weights = np.ones(len(chosen))
         per_expert[chosen] = _largest_remainder(total, weights)
         return per_expert
 
@@ -205,6 +295,14 @@ def _check_count(n) -> int:
     return int(n)
 
 
+def _check_weight(w) -> float:
+    if isinstance(w, bool) or not isinstance(w, int | float | np.number) or not w >= 0:
+        raise ValueError(f"Proportions must be non-negative numbers, got {w!r}.")
+    if not np.isfinite(w):
+        raise ValueError(f"Proportions must be finite, got {w!r}.")
+    return float(w)
+
+
 def _check_cluster_names(requested, index: dict) -> None:
     unknown = [c for c in requested if str(c) not in index]
     if unknown:
@@ -218,3 +316,140 @@ def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
     rest = total - base.sum()
     base[np.argsort(-(share - base), kind="stable")[:rest]] += 1
     return base
+
+
+def _chunk_to_numpy(out: dict, n: int, n_var: int, kind: str, store_mean: bool) -> dict:
+    """One generated chunk as numpy: CSR parts (counts) or a dense sample, and the mean."""
+    chunk = {"mean": out["mean"].float().cpu().numpy() if store_mean else None}
+    if kind == "counts":
+        rows = out["rows"]
+        counts = torch.bincount(rows, minlength=n).cpu().numpy()
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        chunk["indptr"] = indptr
+        chunk["indices"] = out["cols"].to(torch.int32).cpu().numpy()
+        chunk["data"] = out["values"].cpu().numpy()
+    else:
+        chunk["sample"] = out["sample"].float().cpu().numpy()
+    return chunk
+
+
+class _MemoryWriter:
+    """Collects generated chunks into an in-memory AnnData.
+
+    Dense outputs are preallocated; the CSR parts are joined once at the end, chunk by chunk,
+    so the peak memory is the result plus one chunk.
+    """
+
+    def __init__(self, obs, var, record, kind, store_mean):
+        self.obs, self.var, self.record, self.kind = obs, var, record, kind
+        n, g = len(obs), len(var)
+        self.pos = 0
+        self.parts: list[dict] = []
+        self.mean = np.empty((n, g), np.float32) if store_mean else None
+        self.sample = np.empty((n, g), np.float32) if kind == "dense" else None
+
+    def add(self, chunk: dict) -> None:
+        """Store one chunk."""
+        if self.kind == "dense":
+            sl = slice(self.pos, self.pos + chunk["sample"].shape[0])
+            self.sample[sl] = chunk["sample"]
+        else:
+            sl = slice(self.pos, self.pos + chunk["indptr"].shape[0] - 1)
+            self.parts.append({k: chunk[k] for k in ("indptr", "indices", "data")})
+        if self.mean is not None:
+            self.mean[sl] = chunk["mean"]
+        self.pos = sl.stop
+
+    def finish(self) -> AnnData:
+        """The generated AnnData."""
+        if self.kind == "dense":
+            x = self.sample
+        else:
+            x = _join_csr(self.parts, len(self.obs), len(self.var))
+        out = AnnData(X=x, obs=self.obs, var=self.var)
+        if self.mean is not None:
+            out.layers["mean"] = self.mean
+        out.uns["moesim_generate"] = self.record
+        return out
+
+    def abort(self) -> None:
+        """Nothing to clean up in memory."""
+
+
+def _join_csr(parts: list[dict], n: int, g: int) -> sparse.csr_matrix:
+    nnz = sum(p["data"].shape[0] for p in parts)
+    index_dtype = np.int32 if nnz < 2**31 else np.int64
+    data = np.empty(nnz, np.int32)
+    indices = np.empty(nnz, index_dtype)
+    indptr = np.zeros(n + 1, index_dtype)
+    row = nz = 0
+    while parts:
+        p = parts.pop(0)  # free each chunk as soon as it is copied
+        k = p["data"].shape[0]
+        data[nz : nz + k] = p["data"]
+        indices[nz : nz + k] = p["indices"]
+        rows = p["indptr"].shape[0] - 1
+        indptr[row + 1 : row + rows + 1] = p["indptr"][1:] + nz
+        row, nz = row + rows, nz + k
+    return sparse.csr_matrix((data, indices, indptr), shape=(n, g))
+
+
+class _H5adWriter:
+    """Writes generated chunks straight into an ``.h5ad`` file (memory: one chunk)."""
+
+    def __init__(self, filename: Path, obs, var, record, kind, store_mean):
+        self.filename, self.kind = filename, kind
+        n, g = len(obs), len(var)
+        skeleton = AnnData(obs=obs, var=var)
+        skeleton.uns["moesim_generate"] = record
+        skeleton.write_h5ad(filename)
+        self.file = h5py.File(filename, "a")
+        self.pos = 0
+        self.n, self.g = n, g
+        self.x = None
+        rows = max(1, min(n, 1024))
+        if kind == "dense":
+            self.x = _dense_dataset(self.file, "X", (n, g), rows)
+        elif n == 0:
+            anndata.io.write_elem(self.file, "X", sparse.csr_matrix((0, g), dtype=np.int32))
+        self.mean = (
+            _dense_dataset(self.file["layers"], "mean", (n, g), rows) if store_mean else None
+        )
+
+    def add(self, chunk: dict) -> None:
+        """Append one chunk to the file."""
+        if self.kind == "dense":
+            rows = chunk["sample"].shape[0]
+            self.x[self.pos : self.pos + rows] = chunk["sample"]
+        else:
+            rows = chunk["indptr"].shape[0] - 1
+            m = sparse.csr_matrix(
+                (chunk["data"], chunk["indices"], chunk["indptr"]), shape=(rows, self.g)
+            )
+            if self.pos == 0:
+                m.indptr = m.indptr.astype(np.int64)  # room for any number of non-zeros
+                anndata.io.write_elem(self.file, "X", m)
+            else:
+                anndata.io.sparse_dataset(self.file["X"]).append(m)
+        if self.mean is not None:
+            self.mean[self.pos : self.pos + rows] = chunk["mean"]
+        self.pos += rows
+
+    def finish(self) -> AnnData:
+        """Close the file and open it in backed mode."""
+        self.file.close()
+        return anndata.read_h5ad(self.filename, backed="r")
+
+    def abort(self) -> None:
+        """Close and remove the partly written file."""
+        self.file.close()
+        self.filename.unlink(missing_ok=True)
+
+
+def _dense_dataset(group, name: str, shape: tuple[int, int], rows: int):
+    """An anndata-readable dense float32 array, filled chunk by chunk."""
+    ds = group.create_dataset(name, shape=shape, dtype=np.float32, chunks=(rows, shape[1]))
+    ds.attrs["encoding-type"] = "array"
+    ds.attrs["encoding-version"] = "0.2.0"
+    return ds

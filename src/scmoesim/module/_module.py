@@ -15,6 +15,7 @@ from scmoesim.similarity import (
 
 from ._likelihoods import expert_heads, make_distribution, reconstruction_nll
 from ._losses import anchor_loss, depict_loss, kl_mixture, kl_paper, similarity_bce
+from ._sampling import sample_sparse_counts
 
 
 class MoESimModule(BaseModuleClass):
@@ -332,21 +333,51 @@ class MoESimModule(BaseModuleClass):
         library: torch.Tensor | None = None,
         batch_index: torch.Tensor | None = None,
         temperature: float = 1.0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Generate cells: ``z ~ N(mu_k, temperature^2 I)`` decoded by expert ``k``.
+
+        Parameters
+        ----------
+        expert
+            ``(n,)`` expert (cluster) of each cell.
+        library
+            ``(n, 1)`` library sizes (count likelihoods).
+        batch_index
+            ``(n, 1)`` batch codes (when the experts were built with a batch covariate).
+        temperature
+            Scale of the latent noise.
+        generator
+            Random generator on the module's device (``None``: the global one).
 
         Returns
         -------
-        sample, mean
-            ``(n, genes)`` sampled values (counts for count likelihoods; probabilities for
-            ``bernoulli``) and expected values.
+        ``"mean"``: ``(n, genes)`` expected values. Count likelihoods: ``"rows"``, ``"cols"``,
+        ``"values"``, the non-zero sampled counts in row-major order (exact sampling, see
+        :func:`~scmoesim.module._sampling.sample_sparse_counts`). ``"normal"``: ``"sample"``,
+        ``(n, genes)`` draws. ``"bernoulli"``: ``"sample"`` is the mean (probabilities, as the
+        model sees data scaled to [0, 1]).
         """
         expert = expert.long()
-        z = self.centres[expert] + temperature * torch.randn(
-            expert.shape[0], self.n_latent, device=expert.device
+        noise = torch.randn(
+            expert.shape[0], self.n_latent, device=expert.device, generator=generator
         )
-        px = self.generative(z, expert, library, batch_index)["px"]
-        mean = px.mean
+        z = self.centres[expert] + temperature * noise
+        heads = self.experts(z, expert, batch_index if self.experts.n_cat > 0 else None)
+        dispersion = self.dispersion_for(expert)
+        if self.is_count:
+            if library is None:
+                raise ValueError("Count likelihoods need library sizes to generate counts.")
+            mu = library * torch.softmax(heads["scale"], dim=-1)
+            zi_logits = heads.get("dropout")
+            rows, cols, values = sample_sparse_counts(
+                self.likelihood, mu, dispersion, zi_logits, generator
+            )
+            mean = mu * torch.sigmoid(-zi_logits) if zi_logits is not None else mu
+            return {"mean": mean, "rows": rows, "cols": cols, "values": values}
+        loc = heads["loc"]
         if self.likelihood == "bernoulli":
-            return mean, mean
-        return px.sample(), mean
+            mean = torch.sigmoid(loc)
+            return {"mean": mean, "sample": mean}
+        noise = torch.randn(loc.shape, device=loc.device, dtype=loc.dtype, generator=generator)
+        return {"mean": loc, "sample": loc + dispersion * noise}

@@ -1,0 +1,240 @@
+"""Generation: exact count sampling, cluster numbers, library sizes, memory-bounded output."""
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from scipy import sparse, stats
+
+from scmoesim import MoESim
+from scmoesim.module import MoESimModule
+from scmoesim.module._sampling import sample_sparse_counts
+
+from .conftest import KIDNEY_SIGS, TRAIN
+
+
+# ---------------------------------------------------------------- exact count sampling
+def _dense_draws(likelihood, mu, theta=None, pi=None, n=100_000, seed=0):
+    mu_t = torch.full((n, 1), float(mu))
+    th_t = torch.full((1, 1), float(theta)) if theta is not None else None
+    zl = torch.full((n, 1), float(np.log(pi / (1 - pi)))) if pi is not None else None
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols, values = sample_sparse_counts(likelihood, mu_t, th_t, zl, gen)
+    x = np.zeros(n)
+    x[rows.numpy()] = values.numpy()
+    return x
+
+
+@pytest.mark.parametrize(
+    ("likelihood", "mu", "theta", "pi"),
+    [
+        ("poisson", 0.2, None, None),  # almost all zeros: the cheap pre-test
+        ("poisson", 30.0, None, None),  # rejection branch
+        ("nb", 0.05, 0.3, None),
+        ("nb", 4.0, 0.5, None),
+        ("nb", 0.7, 0.05, None),  # P(0) high, heavy tail: inversion continued in blocks
+        ("nb", 300.0, 0.4, None),
+        ("zinb", 2.0, 1.0, 0.4),
+    ],
+)
+def test_sparse_count_sampler_matches_distribution(likelihood, mu, theta, pi):
+    x = _dense_draws(likelihood, mu, theta, pi)
+    dist = stats.poisson(mu) if theta is None else stats.nbinom(theta, theta / (theta + mu))
+    ks = np.array([0, 1, 2, 3, 5, 10, 40])
+    cdf = dist.cdf(ks)
+    if pi is not None:
+        cdf = pi + (1 - pi) * cdf
+    emp = np.array([(x <= k).mean() for k in ks])
+    # binomial standard error of an empirical CDF at n = 100,000 is below 0.0016
+    np.testing.assert_allclose(emp, cdf, atol=0.006)
+    mean = dist.mean() * (1 - (pi or 0))
+    se = np.sqrt(dist.var() / x.size) + 1e-9
+    assert abs(x.mean() - mean) < 5 * se + 1e-3 * mean
+
+
+def test_sparse_count_sampler_layout_and_seed():
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.rand(50, 40) * torch.logspace(-3, 2, 40)
+    theta = torch.full((1, 40), 0.5)
+    rows, cols, values = sample_sparse_counts("nb", mu, theta, generator=gen)
+    assert (values > 0).all() and values.dtype == torch.int32
+    flat = rows * 40 + cols
+    assert (flat[1:] > flat[:-1]).all()  # row-major, no duplicates
+    again = sample_sparse_counts("nb", mu, theta, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(values, again[2])
+    with pytest.raises(ValueError, match="needs theta"):
+        sample_sparse_counts("nb", mu)
+    with pytest.raises(ValueError, match="needs zi_logits"):
+        sample_sparse_counts("zinb", mu, theta)
+    with pytest.raises(ValueError, match="'poisson', 'nb' or 'zinb'"):
+        sample_sparse_counts("normal", mu)
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson", "normal", "bernoulli"])
+def test_module_samples_every_likelihood(likelihood):
+    torch.manual_seed(0)
+    module = MoESimModule(n_input=30, n_experts=3, n_latent=4, likelihood=likelihood)
+    module.eval()
+    expert = torch.tensor([0, 0, 1, 2, 2, 2])
+    library = torch.full((6, 1), 500.0)
+    gen = torch.Generator().manual_seed(1)
+    out = module.sample_from_experts(expert, library, None, 1.0, generator=gen)
+    assert out["mean"].shape == (6, 30)
+    if module.is_count:
+        assert (out["values"] > 0).all()
+        # the expected counts add up to the library size (zinb: minus the inflated zeros)
+        totals = out["mean"].sum(1)
+        assert (totals <= 500.0 + 1e-3).all()
+        if likelihood != "zinb":
+            torch.testing.assert_close(totals, torch.full((6,), 500.0))
+    elif likelihood == "bernoulli":
+        assert ((out["sample"] >= 0) & (out["sample"] <= 1)).all()
+        torch.testing.assert_close(out["sample"], out["mean"])
+    else:
+        assert not torch.equal(out["sample"], out["mean"])
+
+
+# ---------------------------------------------------------------- generate() on a model
+@pytest.fixture(scope="module")
+def model(kidney_full):
+    rng = np.random.default_rng(0)
+    cells = np.sort(rng.choice(kidney_full.n_obs, 240, replace=False))
+    genes = np.argsort(-np.asarray(kidney_full.layers["counts"].sum(0)).ravel())[:200]
+    genes = set(genes) | set(
+        kidney_full.var_names.get_indexer([g for v in KIDNEY_SIGS.values() for g in v])
+    )
+    adata = kidney_full[cells, sorted(genes)].copy()
+    del adata.uns["provenance"]
+    MoESim.setup_anndata(adata, layer="counts", batch_key="sex", signatures=KIDNEY_SIGS)
+    model = MoESim(adata, n_experts=4)
+    model.train(**TRAIN)
+    return model
+
+
+def test_default_split_follows_training_proportions(model):
+    gen = model.generate(1000, seed=0)
+    usage = np.asarray(model.expert_usage_, dtype=float)
+    counts = np.bincount(gen.obs["moesim_expert"], minlength=len(usage))
+    assert counts.sum() == 1000
+    np.testing.assert_allclose(counts, 1000 * usage / usage.sum(), atol=1)
+    record = gen.uns["moesim_generate"]
+    assert record["proportions"] == "training" and record["n_cells"].sum() == 1000
+    # cells come grouped by cluster, expert and name agree
+    assert (np.diff(gen.obs["moesim_expert"].to_numpy()) >= 0).all()
+    names = np.asarray(model.cluster_names_)[gen.obs["moesim_expert"]]
+    np.testing.assert_array_equal(gen.obs["moesim_cluster"].astype(str), names)
+
+
+def test_uniform_and_given_proportions(model):
+    two = ["leukocyte", "endothelial cell"]
+    gen = model.generate(11, clusters=two, proportions="uniform")
+    assert sorted(gen.obs["moesim_cluster"].value_counts()[two].tolist()) == [5, 6]
+    gen = model.generate(10, proportions={"leukocyte": 3, "kidney tubule cell": 1.0})
+    got = gen.obs["moesim_cluster"].value_counts()
+    assert got["leukocyte"] == 8 and got["kidney tubule cell"] == 2 and got.sum() == 10
+    assert gen.uns["moesim_generate"]["proportions"] == "given"
+    with pytest.raises(ValueError, match="either clusters or proportions"):
+        model.generate(10, clusters=two, proportions={"leukocyte": 1})
+    with pytest.raises(ValueError, match="no clusters or proportions"):
+        model.generate({"leukocyte": 2}, proportions={"leukocyte": 1})
+    with pytest.raises(ValueError, match="non-negative numbers"):
+        model.generate(10, proportions={"leukocyte": -1})
+    with pytest.raises(ValueError, match="at least one positive weight"):
+        model.generate(10, proportions={"leukocyte": 0})
+    with pytest.raises(ValueError, match="'training', 'uniform'"):
+        model.generate(10, proportions="equal")
+    with pytest.raises(ValueError, match="Unknown cluster"):
+        model.generate(10, proportions={"liver": 1})
+
+
+def test_library_sizes_come_from_the_clusters_real_cells(model):
+    real = model._pass()
+    gen = model.generate(400, seed=2, batch="F")
+    assert (gen.obs["batch"] == "F").all()
+    batch_names = list(model._batch_categories())
+    for k in np.unique(gen.obs["moesim_expert"]):
+        lib = gen.obs["library_size"].to_numpy()[gen.obs["moesim_expert"] == k]
+        sel = real["expert"] == k
+        in_batch = sel & (real["batch"] == batch_names.index("F"))
+        ref = real["library"][in_batch] if in_batch.any() else real["library"][sel]
+        assert lib.min() >= ref.min() * 0.999 and lib.max() <= ref.max() * 1.001
+    # the sampled counts follow the drawn library sizes
+    totals = np.asarray(gen.X.sum(1)).ravel()
+    assert np.corrcoef(np.log1p(totals), np.log(gen.obs["library_size"]))[0, 1] > 0.8
+
+
+def test_temperature_zero_decodes_the_centre(model):
+    gen = model.generate({"leukocyte": 300}, temperature=0.0, seed=1, batch="M")
+    mean = gen.layers["mean"]
+    profile = mean / mean.sum(1, keepdims=True)
+    np.testing.assert_allclose(profile, profile[:1].repeat(len(profile), 0), rtol=1e-4, atol=1e-7)
+    # counts are still sampled: their average matches the expected values
+    np.testing.assert_allclose(gen.X.sum() / mean.sum(), 1.0, rtol=0.05)
+    assert gen.X.max() > 0 and not np.allclose(gen.X.toarray(), mean)
+    with pytest.raises(ValueError, match="temperature must be a non-negative"):
+        model.generate(5, temperature=-1.0)
+
+
+def test_seed_chunks_and_store_mean(model):
+    a = model.generate(300, seed=4, chunk_size=64)
+    b = model.generate(300, seed=4, chunk_size=64, store_mean=False)
+    assert (a.X != b.X).nnz == 0 and "mean" not in b.layers
+    assert sparse.isspmatrix_csr(a.X) and a.X.dtype == np.int32
+    c = model.generate(300, seed=5, chunk_size=64)
+    assert (a.X != c.X).nnz > 0
+    d = model.generate(300, seed=4, chunk_size=1000)  # one chunk: other draws, same layout
+    np.testing.assert_array_equal(a.obs["moesim_expert"], d.obs["moesim_expert"])
+    np.testing.assert_array_equal(a.obs["library_size"], d.obs["library_size"])
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        model.generate(5, chunk_size=0)
+
+
+def test_filename_writes_backed_h5ad(model, tmp_path):
+    path = tmp_path / "gen.h5ad"
+    mem = model.generate(250, seed=6, chunk_size=64)
+    disk = model.generate(250, seed=6, chunk_size=64, filename=path)
+    assert disk.isbacked and "mean" not in disk.layers  # store_mean defaults to off on disk
+    assert (disk.X.to_memory() != mem.X).nnz == 0
+    back = ad.read_h5ad(path)
+    assert (back.X != mem.X).nnz == 0
+    assert back.obs.equals(mem.obs) and back.var_names.equals(mem.var_names)
+    assert back.uns["moesim_generate"]["seed"] == 6
+    with_mean = model.generate(
+        250, seed=6, chunk_size=64, filename=tmp_path / "m.h5ad", store_mean=True, progress_bar=True
+    )
+    np.testing.assert_array_equal(with_mean.layers["mean"], mem.layers["mean"])
+    with pytest.raises(FileExistsError, match="exists"):
+        model.generate(5, filename=path)
+    with pytest.raises(ValueError, match="must end in .h5ad"):
+        model.generate(5, filename=tmp_path / "gen.csv")
+    empty = model.generate(0, filename=tmp_path / "empty.h5ad", seed=None)
+    assert empty.shape == (0, mem.n_vars)
+
+
+def test_failed_write_leaves_no_file(model, tmp_path, monkeypatch):
+    calls = []
+    original = model.module.sample_from_experts
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model.module, "sample_from_experts", failing)
+    path = tmp_path / "partial.h5ad"
+    with pytest.raises(RuntimeError, match="boom"):
+        model.generate(100, chunk_size=40, filename=path)
+    assert not path.exists()
+
+
+def test_dense_likelihood_generates_float_and_writes(pbmc, tmp_path):
+    small = pbmc[:200].copy()
+    MoESim.setup_anndata(small, signatures={"B": ["CD79A", "MS4A1"], "NK": ["NKG7", "GNLY"]})
+    model = MoESim(small, likelihood="normal")
+    model.train(**{**TRAIN, "max_epochs": 1})
+    mem = model.generate(90, seed=0, chunk_size=32)
+    assert mem.X.dtype == np.float32 and not sparse.issparse(mem.X)
+    assert "library_size" not in mem.obs
+    disk = model.generate(90, seed=0, chunk_size=32, filename=tmp_path / "n.h5ad")
+    np.testing.assert_array_equal(np.asarray(disk.X[:]), mem.X)
