@@ -207,5 +207,5 @@ def clear_state_errors(saved_with: dict | None) -> Iterator[None]:
             f"The saved weights do not fit this scmoesim's model (saved with scmoesim {old}, "
             f"this is {package_versions()['scmoesim']}): the architecture changed between "
             "versions. Load it with the saving version, or retrain. Torch says: "
-            + str(err).splitlines()[0]
+            + " ".join(str(err).split())[:600]
         ) from err

@@ -224,9 +224,10 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         Like every scvi-tools model, registration writes ``adata.obs["_scvi_batch"]``,
         ``adata.obs["_scvi_labels"]`` (label codes, -1 for unlabeled),
         ``adata.uns["_scvi_uuid"]`` and ``adata.uns["_scvi_manager_uuid"]``; nothing else in
-        ``adata`` is changed.
+        ``adata`` is changed. Cells or genes that are 0 everywhere are kept, with a warning.
         """
         V.check_adata_basics(adata, layer)
+        V.warn_all_zero(adata, layer)
         V.check_obs_key(adata, batch_key, "batch_key")
         V.check_obs_key(adata, labels_key, "labels_key")
         if labels_key is not None:
@@ -333,6 +334,7 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             )
         if not isinstance(batch_size, int) or batch_size < 2:
             raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}.")
+        V.check_enough_cells(self.adata.n_obs, train_size)
         plan_kwargs.setdefault("lr", lr)
         trainer_kwargs.setdefault("check_val_every_n_epoch", None)
         flag = InterruptFlag()
