@@ -1,4 +1,5 @@
 import logging
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -11,8 +12,15 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scmoesim import _constants as K
 from scmoesim.module import MoESimModule
 from scmoesim.similarity import KNN_METRICS, SignatureScorer, validate_signatures
-from scmoesim.train import InterruptFlag, MoESimTrainingPlan
+from scmoesim.train import (
+    InterruptFlag,
+    MoESimTrainingPlan,
+    PeriodicCheckpoint,
+    check_checkpoint_fits,
+    resolve_checkpoint,
+)
 
+from . import _io
 from . import _validate as V
 from ._fields import PartialLabelsObsField
 from ._generate import GenerateMixin
@@ -223,9 +231,10 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         Like every scvi-tools model, registration writes ``adata.obs["_scvi_batch"]``,
         ``adata.obs["_scvi_labels"]`` (label codes, -1 for unlabeled),
         ``adata.uns["_scvi_uuid"]`` and ``adata.uns["_scvi_manager_uuid"]``; nothing else in
-        ``adata`` is changed.
+        ``adata`` is changed. Cells or genes that are 0 everywhere are kept, with a warning.
         """
         V.check_adata_basics(adata, layer)
+        V.warn_all_zero(adata, layer)
         V.check_obs_key(adata, batch_key, "batch_key")
         V.check_obs_key(adata, labels_key, "labels_key")
         if labels_key is not None:
@@ -259,6 +268,9 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         validation_size: float | None = None,
         early_stopping: bool = False,
         plan_kwargs: dict | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every_n_epochs: int = 1,
+        ckpt_path: str | os.PathLike | None = None,
         **trainer_kwargs,
     ):
         """Train with Lightning (uses a GPU when one is available).
@@ -282,14 +294,41 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         plan_kwargs
             Keyword arguments of :class:`~scmoesim.train.MoESimTrainingPlan`; unknown names
             raise before training starts.
+        checkpoint_dir
+            Directory where a Lightning checkpoint ``last.ckpt`` is written every
+            ``checkpoint_every_n_epochs`` epochs and after the last epoch (written under a
+            temporary name, then renamed, so it is never half-written). It holds the weights,
+            the EM sums of the cluster centres, the optimizer state, the epoch, the random
+            number generator states and the loss history.
+        checkpoint_every_n_epochs
+            How often to write the checkpoint.
+        ckpt_path
+            Resume an interrupted training from a checkpoint: a ``.ckpt`` file or a
+            ``checkpoint_dir`` (its ``last.ckpt`` is used). Create the model with the same
+            AnnData and parameters and set the same ``scvi.settings.seed`` as the first run;
+            ``max_epochs`` counts from the start of the first run. A mismatching model raises
+            before training. Combine with ``checkpoint_dir`` to keep writing checkpoints.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` / Lightning.
 
         Notes
         -----
         Set ``scvi.settings.seed`` before creating the model for reproducible results; on the
-        CPU two runs with the same seed are identical. Interrupting training (Ctrl-C) keeps the
-        model with its last weights, with a warning, instead of exiting. Every loss term is
+        CPU two runs with the same seed are identical (weights, latent space, clusters and
+        history), and a training resumed from a checkpoint ends with the same weights as an
+        uninterrupted one. On a GPU the random draws (shuffling, dropout, sampling of z) are
+        the same for the same seed, but PyTorch does not promise bit-identical results: some
+        CUDA kernels (cuBLAS with several streams, the backward pass of indexing and scatter
+        operations) may add floating-point numbers in a run-dependent order, so results can
+        differ in the last bits and, over many steps, a few borderline cells may change
+        cluster. For repeatable GPU runs pass ``deterministic=True`` (a Lightning trainer
+        argument; also set the environment variable ``CUBLAS_WORKSPACE_CONFIG=:4096:8``), which
+        makes PyTorch use deterministic kernels, at some cost in speed. Results on a CPU and on
+        a GPU (or on two GPU models) differ in any case.
+
+        Interrupting training (Ctrl-C) keeps the
+        model with its last weights, with a warning, instead of exiting; with ``checkpoint_dir``
+        the training can later be resumed with ``ckpt_path``. Every loss term is
         recorded in ``model.history`` (``reconstruction_loss_train``, ``similarity_loss_train``,
         ``depict_loss_train``, ``kl_divergence_train``, ...).
         """
@@ -302,10 +341,18 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             )
         if not isinstance(batch_size, int) or batch_size < 2:
             raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}.")
+        V.check_enough_cells(self.adata.n_obs, train_size)
         plan_kwargs.setdefault("lr", lr)
         trainer_kwargs.setdefault("check_val_every_n_epoch", None)
         flag = InterruptFlag()
-        trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), flag]
+        callbacks = [*(trainer_kwargs.get("callbacks") or []), flag]
+        if ckpt_path is not None:
+            ckpt_path = resolve_checkpoint(ckpt_path)
+            check_checkpoint_fits(ckpt_path, self.module)
+            trainer_kwargs["ckpt_path"] = str(ckpt_path)
+        if checkpoint_dir is not None or ckpt_path is not None:
+            callbacks.append(PeriodicCheckpoint(checkpoint_dir, checkpoint_every_n_epochs))
+        trainer_kwargs["callbacks"] = callbacks
         try:
             super().train(
                 max_epochs=max_epochs,
@@ -331,6 +378,60 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             self.module.eval()
             self.is_trained_ = True
         self._summarise_training_data()
+
+    # ------------------------------------------------------------------ persistence
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **kwargs,
+    ) -> None:
+        """Save the model (weights, cluster names, settings) to a directory.
+
+        Records the versions of scmoesim, scvi-tools, torch, lightning, anndata and numpy in
+        ``model.saved_with_``; :meth:`load` compares them. Refuses to write into an existing
+        path unless ``overwrite=True``. Other arguments as in
+        :meth:`scvi.model.base.BaseModelClass.save`.
+        """
+        _io.check_save_target(dir_path, overwrite)
+        self.saved_with_ = _io.package_versions()
+        super().save(
+            os.fspath(dir_path),
+            prefix=prefix,
+            overwrite=overwrite,
+            save_anndata=save_anndata,
+            **kwargs,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        **kwargs,
+    ) -> "MoESim":
+        """Load a saved model, checking versions and genes first.
+
+        Warns, naming both versions, when the model was saved by another scmoesim (or
+        scvi-tools) version, and raises a clear error when its weights no longer fit. Raises
+        when ``adata``'s genes differ from the model's (listing missing and extra genes, or the
+        first reordered one). Other arguments as in :meth:`scvi.model.base.BaseModelClass.load`.
+        """
+        saved = _io.check_before_load(cls, dir_path, adata, prefix)
+        with _io.clear_state_errors(saved["saved_with"]):
+            return super().load(
+                os.fspath(dir_path),
+                adata=adata,
+                accelerator=accelerator,
+                device=device,
+                prefix=prefix,
+                **kwargs,
+            )
 
     # ------------------------------------------------------------------ helpers
     def _source_names(self) -> list[str]:

@@ -10,6 +10,8 @@ from scipy.optimize import linear_sum_assignment
 
 from scmoesim import _constants as K
 
+from ._io import check_query
+
 _N_QUANTILES = 101
 
 
@@ -19,7 +21,7 @@ class OutputsMixin:
     # ------------------------------------------------------------------ data passes
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
         if adata is not None and adata is not self.adata:
-            _check_same_genes(self.adata.var_names, adata.var_names)
+            check_query(self, adata)
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     def _batches(
@@ -212,23 +214,6 @@ class OutputsMixin:
         self.library_quantiles_ = (
             _library_quantiles(out, n_exp, self.summary_stats.n_batch) if "library" in out else None
         )
-
-
-def _check_same_genes(reference: pd.Index, query: pd.Index) -> None:
-    if reference.equals(query):
-        return
-    missing = reference.difference(query)
-    extra = query.difference(reference)
-    if len(missing) == 0 and len(extra) == 0:
-        raise ValueError(
-            "The query AnnData has the model's genes in a different order; reorder it with "
-            "adata[:, model.adata.var_names]."
-        )
-    raise ValueError(
-        f"The query AnnData's genes differ from the model's: {len(missing)} missing "
-        f"(e.g. {missing[:5].tolist()}), {len(extra)} extra (e.g. {extra[:5].tolist()}). "
-        "Subset or reorder it with adata[:, model.adata.var_names]."
-    )
 
 
 def _name_experts(

@@ -134,3 +134,50 @@ def check_embedding(adata: AnnData, key: str | None) -> None:
         raise ValueError(f"adata.obsm[{key!r}] must be a 2-D array with at least one column.")
     if not np.isfinite(emb.astype(float)).all():
         raise ValueError(f"adata.obsm[{key!r}] contains NaN or infinite values.")
+
+
+def warn_all_zero(adata: AnnData, layer: str | None) -> None:
+    """Warn about cells or genes that are 0 everywhere (kept, but they carry no signal).
+
+    Cells without counts are encoded from an all-zero input and get whatever cluster the gate
+    gives that input; genes that are 0 in every cell only cost decoder capacity.
+    """
+    x = get_matrix(adata, layer)
+    nz_cells = np.zeros(adata.n_obs, dtype=bool)
+    nz_genes = np.zeros(adata.n_vars, dtype=bool)
+    for start in range(0, x.shape[0], _CHUNK):
+        block = x[start : start + _CHUNK]
+        if sparse.issparse(block):
+            block = sparse.csr_matrix(block)
+            block.eliminate_zeros()
+            nz_cells[start : start + block.shape[0]] = np.diff(block.indptr) > 0
+            nz_genes[np.unique(block.indices)] = True
+        else:
+            nonzero = np.asarray(block) != 0
+            nz_cells[start : start + block.shape[0]] = nonzero.any(1)
+            nz_genes |= nonzero.any(0)
+    for what, keep, names, fix in (
+        ("cells", nz_cells, adata.obs_names, "sc.pp.filter_cells(adata, min_counts=1)"),
+        ("genes", nz_genes, adata.var_names, "sc.pp.filter_genes(adata, min_cells=1)"),
+    ):
+        if not keep.all():
+            empty = names[~keep]
+            import warnings
+
+            warnings.warn(
+                f"{where(layer)} has {len(empty)} {what} that are 0 everywhere (e.g. "
+                f"{empty[:5].tolist()}); they are kept but carry no signal. Remove them with "
+                f"{fix} if that is not intended.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def check_enough_cells(n_obs: int, train_size: float | None) -> None:
+    """Training needs a few cells in the training split (BatchNorm, minibatch similarity)."""
+    n_train = int(np.ceil(n_obs * (0.9 if train_size is None else train_size)))
+    if n_train < 3:
+        raise ValueError(
+            f"Training needs at least 3 cells in the training split; got {n_obs} cell(s) "
+            f"with train_size={train_size}."
+        )

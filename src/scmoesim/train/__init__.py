@@ -1,5 +1,12 @@
 """Training plan: the EM update of the cluster centres and the loss weights during training."""
 
+from ._checkpoint import PeriodicCheckpoint, check_checkpoint_fits, resolve_checkpoint
 from ._plan import InterruptFlag, MoESimTrainingPlan
 
-__all__ = ["InterruptFlag", "MoESimTrainingPlan"]
+__all__ = [
+    "InterruptFlag",
+    "MoESimTrainingPlan",
+    "PeriodicCheckpoint",
+    "check_checkpoint_fits",
+    "resolve_checkpoint",
+]
