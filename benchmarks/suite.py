@@ -292,7 +292,8 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     out = df.groupby(["dataset", "method"], sort=False).agg(
         {**{m: fmt for m in METRICS}, "seed": "count", "seconds": "mean"}
     )
-    return out.rename(columns={"seed": "runs", "n_clusters": "clusters"}).round(1)
+    out = out.rename(columns={"seed": "runs", "n_clusters": "clusters"}).round(1)
+    return out.reset_index()
 
 
 def floors(df: pd.DataFrame) -> list[str]:
@@ -345,7 +346,7 @@ def write_markdown(path: str, df: pd.DataFrame, notes: dict, opts) -> None:
         "",
         "## Summary",
         "",
-        summarise(df).to_markdown(),
+        summarise(df).to_markdown(index=False),
         "",
         "## Every run",
         "",
@@ -407,7 +408,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
         if opts.out:  # write after every dataset, so a long run leaves partial results
             write_markdown(opts.out, pd.DataFrame(rows), notes, opts)
-    print(summarise(pd.DataFrame(rows)).to_string())
+    print(summarise(pd.DataFrame(rows)).to_string(index=False))
 
 
 if __name__ == "__main__":
