@@ -13,6 +13,7 @@ Usage::
 """
 
 import argparse
+import json
 import time
 import warnings
 
@@ -64,7 +65,7 @@ def run_one(n_components: int, seed: int, args) -> dict:
         key = "X_data"
     scvi.settings.seed = seed
     scmoesim.MoESim.setup_anndata(adata, embedding_key=key)
-    model = scmoesim.MoESim(adata, n_experts=N_EXPERTS, likelihood="normal")
+    model = scmoesim.MoESim(adata, n_experts=N_EXPERTS, likelihood="normal", **args.model_kwargs)
     model.train(max_epochs=args.max_epochs, enable_progress_bar=False)
     pred = np.asarray(model.predict()).astype(str)
     truth = adata.obs["component"].astype(str).to_numpy()
@@ -82,7 +83,7 @@ def run_one(n_components: int, seed: int, args) -> dict:
     }
 
 
-def to_markdown(df: pd.DataFrame, command: str) -> str:
+def to_markdown(df: pd.DataFrame, command: str, args) -> str:
     lines = [
         "# Effective number of clusters on Gaussian mixtures (paper Appendix B.1)",
         "",
@@ -92,6 +93,8 @@ def to_markdown(df: pd.DataFrame, command: str) -> str:
         "",
         f"MoESim with {N_EXPERTS} experts, Gaussian likelihood, kNN similarity on the UMAP "
         f"projection, other settings default; {N_FEATURES}-dimensional mixtures.",
+        "",
+        f"Extra model settings: {args.model_kwargs or 'none'}.",
         "",
         df.to_markdown(index=False, floatfmt=".3f"),
         "",
@@ -106,8 +109,10 @@ def main() -> None:
     parser.add_argument("--cells-per-component", type=int, default=150)
     parser.add_argument("--embedding", choices=["umap", "data"], default="umap")
     parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--model-kwargs", default="{}", help="extra MoESim kwargs as JSON")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    args.model_kwargs = json.loads(args.model_kwargs)
     rows = []
     for k in args.components:
         for seed in args.seeds:
@@ -120,7 +125,7 @@ def main() -> None:
 
         command = "python " + " ".join(sys.argv)
         with open(args.out, "w") as fh:
-            fh.write(to_markdown(df, command))
+            fh.write(to_markdown(df, command, args))
 
 
 if __name__ == "__main__":
