@@ -69,6 +69,8 @@ def test_every_public_object_has_a_page(html, module):
         and not inspect.ismodule(value)
         and getattr(value, "__module__", mod.__name__) == mod.__name__
     ]
+    # functions and classes (module constants are documented where they carry a doc comment)
+    public = [n for n in public if callable(getattr(mod, n))]
     pages = html / "generated"
     missing = [n for n in public if not (pages / f"scmoesim.{module}.{n}.html").is_file()]
     assert not missing, f"no API page for scmoesim.{module}: {missing}"
