@@ -53,6 +53,24 @@ class MoESimTrainingPlan(TrainingPlan):
         names |= set(inspect.signature(cls.__init__).parameters)
         return names - {"self", "module", "loss_kwargs", "kwargs"}
 
+    def _optimizer_creator_fn(self, optimizer_cls):
+        """Adam / AdamW with PyTorch's fused kernel where the parameters' device supports it.
+
+        The fused kernel updates all parameters in one pass; the default per-tensor loop was
+        the largest cost of a CPU step with 25 experts (their stacked decoder weights hold most
+        of the parameters). Same update rule, so results agree to float rounding.
+        """
+
+        def create(params):
+            params = list(params)
+            kwargs = {"lr": self.lr, "eps": self.eps, "weight_decay": self.weight_decay}
+            try:
+                return optimizer_cls(params, fused=True, **kwargs)
+            except (RuntimeError, TypeError, ValueError):
+                return optimizer_cls(params, **kwargs)
+
+        return create
+
     def training_step(self, batch, batch_idx):
         """Optimisation step, then the EM update of the centres from this minibatch."""
         if "kl_weight" in self.loss_kwargs:
