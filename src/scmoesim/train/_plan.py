@@ -88,6 +88,30 @@ class MoESimTrainingPlan(TrainingPlan):
         self._em_update(inference_outputs)
         return loss_output.loss
 
+    def compute_and_log_metrics(self, loss_output, metrics, mode: str) -> None:
+        """scvi-tools' ELBO logging, then the extra loss terms logged outside inference mode.
+
+        scvi-tools logs extra metrics inside ``torch.inference_mode``; Lightning then holds
+        inference tensors that it cannot all-reduce in place at the end of a DDP epoch
+        ("Inplace update to inference tensor outside InferenceMode"). Logging them here avoids
+        that and leaves single-process logging unchanged.
+        """
+        extra = loss_output.extra_metrics or {}
+        object.__setattr__(loss_output, "extra_metrics", {})
+        try:
+            super().compute_and_log_metrics(loss_output, metrics, mode)
+        finally:
+            object.__setattr__(loss_output, "extra_metrics", extra)
+        for key, value in extra.items():
+            self.log(
+                f"{key}_{mode}",
+                value.detach() if isinstance(value, torch.Tensor) else value,
+                on_step=self.on_step,
+                on_epoch=self.on_epoch,
+                batch_size=loss_output.n_obs_minibatch,
+                sync_dist=self.use_sync_dist,
+            )
+
     @torch.no_grad()
     def _em_update(self, inference_outputs: dict) -> None:
         p = inference_outputs["p"].detach()
