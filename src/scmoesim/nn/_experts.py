@@ -96,10 +96,13 @@ class RoutedExperts(nn.Module):
         if self.n_cat > 0:
             if cat is None:
                 raise ValueError("This decoder was built with a covariate; pass `cat`.")
-            onehot = nn.functional.one_hot(cat.long().reshape(-1), self.n_cat).to(z.dtype)
+            # scatter rather than one_hot/bincount: those check index ranges on the host
+            codes = cat.long().reshape(-1, 1)
+            onehot = z.new_zeros(codes.shape[0], self.n_cat).scatter_(1, codes, 1.0)
         order = torch.argsort(expert, stable=True)
         e_sorted = expert[order]
-        counts = torch.bincount(expert, minlength=self.n_experts)
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=z.device)
+        counts.scatter_add_(0, expert, torch.ones_like(expert))
         h = z[order]
         c = onehot[order] if onehot is not None else None
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
