@@ -286,7 +286,9 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             Adam learning rate (paper: 1e-3).
         accelerator, devices
             Lightning device selection, e.g. ``accelerator="gpu", devices=2,
-            strategy="ddp_find_unused_parameters_true"`` for multi-GPU.
+            strategy="ddp"`` for multi-GPU (``"ddp_notebook"`` in Jupyter). ``batch_size`` is
+            per process; the EM cluster centres are all-reduced so every process holds the
+            same ones.
         train_size, validation_size
             Split passed to scvi-tools' data splitter (default 90/10).
         early_stopping

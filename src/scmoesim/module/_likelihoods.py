@@ -2,6 +2,7 @@
 
 import torch
 from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+from scvi.distributions._negative_binomial import log_zinb_positive
 from torch.distributions import Bernoulli, Distribution, Normal, Poisson
 
 from scmoesim._constants import COUNT_LIKELIHOODS
@@ -38,21 +39,30 @@ def make_distribution(
     dispersion
         NB inverse dispersion ``theta`` (count likelihoods with NB) or the Gaussian standard
         deviation (``normal``), broadcastable to ``(n, genes)``.
+
+    Notes
+    -----
+    Argument validation is off: it reads tensor values on the host (a device sync in every
+    training step), and the data are checked once by ``setup_anndata`` / the model instead.
     """
     if likelihood in COUNT_LIKELIHOODS:
         scale = torch.softmax(heads["scale"], dim=-1)
         rate = library * scale
         if likelihood == "poisson":
-            return Poisson(rate.clamp_min(1e-8))
+            return Poisson(rate.clamp_min(1e-8), validate_args=False)
         if likelihood == "nb":
-            return NegativeBinomial(mu=rate, theta=dispersion, scale=scale)
+            return NegativeBinomial(mu=rate, theta=dispersion, scale=scale, validate_args=False)
         return ZeroInflatedNegativeBinomial(
-            mu=rate, theta=dispersion, zi_logits=heads["dropout"], scale=scale
+            mu=rate,
+            theta=dispersion,
+            zi_logits=heads["dropout"],
+            scale=scale,
+            validate_args=False,
         )
     if likelihood == "normal":
-        return Normal(heads["loc"], dispersion.expand_as(heads["loc"]))
+        return Normal(heads["loc"], dispersion.expand_as(heads["loc"]), validate_args=False)
     if likelihood == "bernoulli":
-        return Bernoulli(logits=heads["loc"])
+        return Bernoulli(logits=heads["loc"], validate_args=False)
     raise ValueError(f"Unknown likelihood {likelihood!r}.")
 
 
@@ -67,4 +77,7 @@ def reconstruction_nll(likelihood: str, dist: Distribution, x: torch.Tensor) -> 
         return torch.nn.functional.binary_cross_entropy_with_logits(
             logits, x, reduction="none"
         ).sum(-1)
+    if isinstance(dist, ZeroInflatedNegativeBinomial):
+        # scvi-tools' ZINB.log_prob validates its argument unconditionally (a host sync)
+        return -log_zinb_positive(x, dist.mu, dist.theta, dist.zi_logits, eps=1e-8).sum(-1)
     return -dist.log_prob(x).sum(-1)

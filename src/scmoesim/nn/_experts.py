@@ -3,6 +3,7 @@ import math
 import torch
 from torch import nn
 
+from ._grouped import grouped_mm
 from ._mlp import activation
 
 
@@ -10,8 +11,10 @@ class RoutedExperts(nn.Module):
     """K expert decoders with hard routing: each cell runs through its own expert only.
 
     The experts' weights are stored stacked (one tensor per layer, leading dimension K). A
-    forward pass sorts the cells by expert and runs one dense matmul per non-empty expert, so the
-    cost of K experts is that of one decoder plus a loop over K small segments.
+    forward pass sorts the cells by expert and multiplies each expert's segment of rows by that
+    expert's weights in one grouped matrix product (:func:`~scmoesim.nn.grouped_mm`); biases and
+    LayerNorm gains are gathered per row. The compute of K experts is that of one decoder; only
+    the parameter memory (and the optimiser's pass over it) grows with K.
 
     Every expert is ``[Linear -> LayerNorm -> activation] x n_layers`` followed by one linear
     head per output (e.g. ``{"scale": n_genes, "dropout": n_genes}``). LayerNorm (per-sample)
@@ -93,33 +96,29 @@ class RoutedExperts(nn.Module):
         if self.n_cat > 0:
             if cat is None:
                 raise ValueError("This decoder was built with a covariate; pass `cat`.")
-            onehot = nn.functional.one_hot(cat.long().reshape(-1), self.n_cat).to(z.dtype)
+            # scatter rather than one_hot/bincount: those check index ranges on the host
+            codes = cat.long().reshape(-1, 1)
+            onehot = z.new_zeros(codes.shape[0], self.n_cat).scatter_(1, codes, 1.0)
         order = torch.argsort(expert, stable=True)
-        # One host sync per step: the segment sizes decide the per-expert matmuls.
-        counts = torch.bincount(expert, minlength=self.n_experts).tolist()
-        z_sorted = z[order]
-        cat_sorted = onehot[order] if onehot is not None else None
-        outs: dict[str, list[torch.Tensor]] = {k: [] for k in self.head_names}
-        start = 0
-        for k, n_k in enumerate(counts):
-            if n_k == 0:
-                continue
-            h = z_sorted[start : start + n_k]
-            c = cat_sorted[start : start + n_k] if cat_sorted is not None else None
-            for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-                h = torch.cat([h, c], dim=-1) if c is not None else h
-                h = torch.addmm(b[k], h, w[k])
-                h = self.ln[i](h) * self.ln_gain[i, k] + self.ln_shift[i, k]
-                h = self.act(h)
+        e_sorted = expert[order]
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=z.device)
+        counts.scatter_add_(0, expert, torch.ones_like(expert))
+        h = z[order]
+        c = onehot[order] if onehot is not None else None
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             h = torch.cat([h, c], dim=-1) if c is not None else h
-            for name in self.head_names:
-                outs[name].append(
-                    torch.addmm(self.head_biases[name][k], h, self.head_weights[name][k])
-                )
-            start += n_k
+            h = grouped_mm(h, w, counts) + b[e_sorted]
+            h = self.ln[i](h) * self.ln_gain[i][e_sorted] + self.ln_shift[i][e_sorted]
+            h = self.act(h)
+        h = torch.cat([h, c], dim=-1) if c is not None else h
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        return {name: torch.cat(parts, dim=0)[inverse] for name, parts in outs.items()}
+        return {
+            name: (
+                grouped_mm(h, self.head_weights[name], counts) + self.head_biases[name][e_sorted]
+            )[inverse]
+            for name in self.head_names
+        }
 
 
 def _stacked_weight(n_experts: int, n_in: int, n_out: int) -> nn.Parameter:
