@@ -101,6 +101,12 @@ def run_pbmc(seed: int, model_kwargs: dict, epochs: int | None) -> list[dict]:
     return rows
 
 
+def _run(task: tuple) -> list[dict]:
+    name, seed, model_kwargs, epochs, threads = task
+    torch.set_num_threads(threads)
+    return {"kidney": run_kidney, "pbmc": run_pbmc}[name](seed, model_kwargs, epochs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -112,6 +118,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 avoids a spinning OMP worker)"
     )
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     args = parser.parse_args()
     import json
 
@@ -119,10 +126,22 @@ def main() -> None:
     if args.kl:
         model_kwargs["kl"] = args.kl
     torch.set_num_threads(args.threads)
+    tasks = [
+        (name, seed, model_kwargs, args.epochs, args.threads)
+        for seed in args.seeds
+        for name in args.datasets
+    ]
     rows = []
-    for seed in args.seeds:
-        for name in args.datasets:
-            rows += {"kidney": run_kidney, "pbmc": run_pbmc}[name](seed, model_kwargs, args.epochs)
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs) as pool:
+            for result in pool.map(_run, tasks):
+                rows += result
+                print(pd.DataFrame(result).to_string(), flush=True)
+    else:
+        for task in tasks:
+            rows += _run(task)
             print(pd.DataFrame(rows).tail(2).to_string(), flush=True)
     df = pd.DataFrame(rows)
     summary = df.groupby(["dataset", "method"]).agg(
@@ -131,7 +150,7 @@ def main() -> None:
     summary.columns = [f"{a} {b}" for a, b in summary.columns]
     text = (
         "# Signature benchmark\n\n"
-        f"Command: `python benchmarks/signatures.py --seeds {' '.join(map(str, args.seeds))}"
+        f"Command: `python signatures.py --seeds {' '.join(map(str, args.seeds))}"
         f"{' --kl ' + args.kl if args.kl else ''}"
         f"{' --model-kwargs ' + repr(args.model_kwargs) if model_kwargs else ''}`\n\n"
         f"Environment: {environment()}\n\n"

@@ -419,3 +419,13 @@ def test_anchor_pins_each_label_class_to_its_own_expert(pbmc):
     assert model.cluster_names_[: len(classes)] == classes
     hist = model.history["anchor_loss_train"].to_numpy().ravel()
     assert hist[-1] < hist[0]
+
+
+def test_kl_weight_default_depends_on_the_similarity_source(pbmc):
+    MoESim.setup_anndata(pbmc, signatures={"B": ["CD79A"], "NK": ["NKG7"]})
+    assert MoESim(pbmc, likelihood="normal").module.kl_weight == 2.0
+    assert MoESim(pbmc, likelihood="normal", kl_weight=0.3).module.kl_weight == 0.3
+    MoESim.setup_anndata(pbmc, embedding_key="X_pca")
+    model = MoESim(pbmc, likelihood="normal")
+    assert model.module.kl_weight == 0.0
+    assert model.init_params_["non_kwargs"]["kl_weight"] == 0.0  # saved resolved

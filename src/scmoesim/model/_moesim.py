@@ -61,7 +61,12 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         cluster, a proper mixture-prior KL; or ``"paper"``: the paper's Eq. 3, which only pushes
         each cluster's variance of z towards 1. See ``benchmarks/`` for the comparison.
     kl_weight
-        pi_1 (paper, Tabula Muris: 0.2).
+        pi_1, weight of the KL term (paper, Tabula Muris: 0.2). ``None`` (default) picks 2.0
+        when labels or signatures are registered and 0.0 when the kNN similarity is the only
+        source. Measured (``benchmarks/README.md``): with signatures a stronger pull of each
+        cell towards its cluster centre raised every score (PBMC NMI 0.61 -> 0.66, kidney
+        F-measure 0.75 -> 0.77 from 0.2 to 1-2), while with kNN alone the same pull merged
+        clusters (Levine_32dim Hungarian F1 0.23 at 0.2, 0.73 at 0).
     clustering_weight
         Weight of the clustering loss (paper: 0.8).
     depict_weight
@@ -106,10 +111,10 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         activation_fn: str = "elu",
         dispersion: str = "gene",
         kl: K.KLKind = "mixture",
-        kl_weight: float = 0.2,
+        kl_weight: float | None = None,
         clustering_weight: float = 0.8,
         depict_weight: float = 0.0,
-        anchor_weight: float = 0.0,
+        anchor_weight: float = 1.0,
         knn_neighbors: int = 10,
         knn_metric: str = "euclidean",
         knn_threshold: float | None = None,
@@ -124,6 +129,8 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         V.check_likelihood_data(adata, setup["layer"], likelihood)
 
         class_names = self._class_names()
+        if kl_weight is None:
+            kl_weight = 2.0 if class_names else 0.0
         if n_experts is None:
             n_experts = len(class_names) + 1 if class_names else 10
         if not isinstance(n_experts, int | np.integer) or n_experts < 1:
