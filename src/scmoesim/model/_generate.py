@@ -322,12 +322,8 @@ def _chunk_to_numpy(out: dict, n: int, n_var: int, kind: str, store_mean: bool) 
     """One generated chunk as numpy: CSR parts (counts) or a dense sample, and the mean."""
     chunk = {"mean": out["mean"].float().cpu().numpy() if store_mean else None}
     if kind == "counts":
-        rows = out["rows"]
-        counts = torch.bincount(rows, minlength=n).cpu().numpy()
-        indptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        chunk["indptr"] = indptr
-        chunk["indices"] = out["cols"].to(torch.int32).cpu().numpy()
+        chunk["indptr"] = out["indptr"].cpu().numpy()
+        chunk["indices"] = out["cols"].cpu().numpy()
         chunk["data"] = out["values"].cpu().numpy()
     else:
         chunk["sample"] = out["sample"].float().cpu().numpy()
