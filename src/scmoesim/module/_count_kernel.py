@@ -16,7 +16,9 @@ import numba
 import numpy as np
 
 POISSON, NB, ZINB = 0, 1, 2
-_INVERT_MEAN = 16.0
+_INVERT_MEAN = 24.0
+_SCREEN = 1e-4
+_TINY = 1e-30
 _INT32_MAX = 2**31 - 1
 _U64 = numba.uint64
 
@@ -128,10 +130,23 @@ def _poisson(s, lam):
 
 
 @numba.njit(cache=True)
-def _positive(s, kind, m, th, u, p0):
-    """One draw of x | x > 0 (``u``: the entry's uniform, already known to be >= P(0))."""
-    if p0 >= 0.5 or m < _INVERT_MEAN * (1.0 - p0):
-        # continue the inverse transform from F(0) = p0
+def _p0(kind, m, th):
+    """P(x = 0), float64."""
+    if kind == POISSON:
+        return math.exp(-m)
+    return math.exp(-th * math.log1p(m / th))
+
+
+@numba.njit(cache=True)
+def _positive(s, kind, m, th, u, p0_approx, p0):
+    """One draw of x | x > 0 (``u``: the entry's uniform, already known to be >= P(0)).
+
+    ``p0_approx`` (float32) chooses the method; ``p0`` is the exact P(0) or < 0 if not known.
+    """
+    if p0_approx >= 0.5 or m < _INVERT_MEAN * (1.0 - p0_approx):
+        # continue the inverse transform from F(0) = p0 (exact)
+        if p0 < 0.0:
+            p0 = _p0(kind, m, th)
         pmf = p0
         cdf = p0
         ratio = m if kind == POISSON else m / (m + th)
@@ -154,10 +169,13 @@ def _positive(s, kind, m, th, u, p0):
 
 
 @numba.njit(parallel=True, cache=True)
-def sample_rows(mu, theta, zi_logits, kind, key, values, cols, row_nnz):
+def sample_rows(mu, p0_approx, theta, zi_logits, kind, key, values, cols, row_nnz):
     """Sample every entry of ``mu`` (rows x genes), writing row ``i``'s non-zeros at ``i * genes``.
 
-    ``theta`` and ``zi_logits`` are ``(1 or rows, genes)`` (ignored when not needed).
+    ``p0_approx``: P(x = 0) of the Poisson / NB in float32 (vectorised outside; relative error
+    far below ``_SCREEN``): entries with ``u`` clearly below or above it are settled without
+    computing P(0) here, the others (a fraction of about ``2 * _SCREEN``) get the exact float64
+    value. ``theta`` and ``zi_logits`` are ``(1 or rows, genes)`` (ignored when not needed).
     """
     n, g = mu.shape
     theta_step = 1 if theta.shape[0] > 1 else 0
@@ -179,15 +197,16 @@ def sample_rows(mu, theta, zi_logits, kind, key, values, cols, row_nnz):
                 u = (u - pi) / (1.0 - pi)
             if u < 1.0 - m:  # P(0) >= 1 - mu: zero without computing P(0)
                 continue
-            th = 1.0
-            if kind == POISSON:
-                p0 = math.exp(-m)
-            else:
-                th = float(theta[ti, j])
-                p0 = math.exp(-th * math.log1p(m / th))
-            if u < p0:
+            q = float(p0_approx[i, j])
+            if q > _TINY and u < q * (1.0 - _SCREEN):
                 continue
-            x = _positive(s, kind, m, th, u, p0)
+            th = 1.0 if kind == POISSON else float(theta[ti, j])
+            p0 = -1.0
+            if u < q * (1.0 + _SCREEN) + _TINY:  # too close to call: exact P(0)
+                p0 = _p0(kind, m, th)
+                if u < p0:
+                    continue
+            x = _positive(s, kind, m, th, u, q, p0)
             values[base + nz] = int(min(x, _INT32_MAX))
             cols[base + nz] = j
             nz += 1

@@ -86,29 +86,36 @@ def sample_sparse_counts(
 
 
 def _sample_numba(likelihood, mu, theta, zi_logits, generator):
+    device = mu.device
     kind = {"poisson": _count_kernel.POISSON, "nb": _count_kernel.NB, "zinb": _count_kernel.ZINB}
     n, g = mu.shape
-    mu_np = mu.detach().cpu().float().contiguous().numpy()
+    mu = mu.detach().cpu().float().contiguous()
     dummy = np.zeros((1, 1), np.float32)
-    if theta is not None and likelihood != "poisson":
-        th = theta.detach().cpu().float()
-        th_np = th.reshape(-1, g).contiguous().numpy() if th.dim() > 1 else th[None].numpy()
-        if th_np.shape[0] not in (1, n):
-            raise ValueError(f"theta must have 1 or {n} rows, got shape {tuple(theta.shape)}.")
-    else:
+    if likelihood == "poisson":
         th_np = dummy
+        p0 = torch.exp(-mu)
+    else:
+        th = theta.detach().cpu().float()
+        th = th.reshape(-1, g) if th.dim() > 1 else th[None]
+        if th.shape[0] not in (1, n):
+            raise ValueError(f"theta must have 1 or {n} rows, got shape {tuple(theta.shape)}.")
+        th_np = th.contiguous().numpy()
+        # float32 and vectorised; the kernel re-checks entries too close to call in float64
+        p0 = torch.exp(torch.log1p(mu / th).mul_(-th))
     zl_np = zi_logits.detach().cpu().float().contiguous().numpy() if likelihood == "zinb" else dummy
     key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
     values = np.empty(n * g, np.int32)
     cols = np.empty(n * g, np.int32)
     row_nnz = np.empty(n, np.int64)
-    _count_kernel.sample_rows(mu_np, th_np, zl_np, kind[likelihood], key, values, cols, row_nnz)
+    _count_kernel.sample_rows(
+        mu.numpy(), p0.numpy(), th_np, zl_np, kind[likelihood], key, values, cols, row_nnz
+    )
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(row_nnz, out=indptr[1:])
     out_values = np.empty(indptr[-1], np.int32)
     out_cols = np.empty(indptr[-1], np.int32)
     _count_kernel.compact(values, cols, row_nnz, indptr, out_values, out_cols)
-    return tuple(torch.from_numpy(a).to(mu.device) for a in (indptr, out_cols, out_values))
+    return tuple(torch.from_numpy(a).to(device) for a in (indptr, out_cols, out_values))
 
 
 def _sample_torch(
