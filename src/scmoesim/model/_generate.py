@@ -71,7 +71,7 @@ class GenerateMixin:
             ``store_mean`` off for large files.)
         chunk_size
             Cells decoded and sampled at once; bounds the working memory (about
-            ``20 * chunk_size * n_genes`` bytes).
+            ``32 * chunk_size * n_genes`` bytes).
         progress_bar
             Show a progress bar (on stderr).
 
