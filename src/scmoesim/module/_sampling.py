@@ -20,10 +20,15 @@ version runs on the device.
 import numpy as np
 import torch
 
-try:
-    from . import _count_kernel
-except ImportError:  # pragma: no cover - numba comes with scanpy
-    _count_kernel = None
+
+def _numba_kernel():
+    """The numba kernel module, imported on first use (``None`` without numba)."""
+    try:
+        from . import _count_kernel
+    except ImportError:  # pragma: no cover - numba comes with scanpy
+        return None
+    return _count_kernel
+
 
 #: Entries with P(x = 0) below this are drawn by rejection (expected <= 1 / (1 - tau) rounds).
 _REJECTION_BELOW = 0.5
@@ -73,21 +78,20 @@ def sample_sparse_counts(
         raise ValueError("likelihood='zinb' needs zi_logits.")
     if backend not in ("auto", "numba", "torch"):
         raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}.")
-    if backend == "numba" and _count_kernel is None:
+    kernel = _numba_kernel() if backend != "torch" else None
+    if backend == "numba" and kernel is None:
         raise ImportError("backend='numba' needs numba.")
-    if backend == "numba" or (
-        backend == "auto" and _count_kernel is not None and mu.device.type == "cpu"
-    ):
-        return _sample_numba(likelihood, mu, theta, zi_logits, generator)
+    if kernel is not None and (backend == "numba" or mu.device.type == "cpu"):
+        return _sample_numba(kernel, likelihood, mu, theta, zi_logits, generator)
     rows, cols, values = _sample_torch(likelihood, mu, theta, zi_logits, generator)
     indptr = torch.zeros(mu.shape[0] + 1, dtype=torch.int64, device=mu.device)
     torch.cumsum(torch.bincount(rows, minlength=mu.shape[0]), 0, out=indptr[1:])
     return indptr, cols.to(torch.int32), values
 
 
-def _sample_numba(likelihood, mu, theta, zi_logits, generator):
+def _sample_numba(kernel, likelihood, mu, theta, zi_logits, generator):
     device = mu.device
-    kind = {"poisson": _count_kernel.POISSON, "nb": _count_kernel.NB, "zinb": _count_kernel.ZINB}
+    kind = {"poisson": kernel.POISSON, "nb": kernel.NB, "zinb": kernel.ZINB}
     n, g = mu.shape
     mu = mu.detach().cpu().float().contiguous()
     dummy = np.zeros((1, 1), np.float32)
@@ -107,14 +111,14 @@ def _sample_numba(likelihood, mu, theta, zi_logits, generator):
     values = np.empty(n * g, np.int32)
     cols = np.empty(n * g, np.int32)
     row_nnz = np.empty(n, np.int64)
-    _count_kernel.sample_rows(
+    kernel.sample_rows(
         mu.numpy(), p0.numpy(), th_np, zl_np, kind[likelihood], key, values, cols, row_nnz
     )
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(row_nnz, out=indptr[1:])
     out_values = np.empty(indptr[-1], np.int32)
     out_cols = np.empty(indptr[-1], np.int32)
-    _count_kernel.compact(values, cols, row_nnz, indptr, out_values, out_cols)
+    kernel.compact(values, cols, row_nnz, indptr, out_values, out_cols)
     return tuple(torch.from_numpy(a).to(device) for a in (indptr, out_cols, out_values))
 
 
