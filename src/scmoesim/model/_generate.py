@@ -279,13 +279,12 @@ class GenerateMixin:
             return None
         n_q = quantiles.shape[-1]
         u = rng.uniform(0, n_q - 1, size=len(experts))
-        lo = np.floor(u).astype(int)
+        lo = np.floor(u).astype(np.int64)
         frac = u - lo
         hi = np.minimum(lo + 1, n_q - 1)
-        q = quantiles[experts, batches]
-        missing = np.isnan(q[:, 0])
-        q[missing] = quantiles[experts[missing], -1]
-        log_lib = q[np.arange(len(u)), lo] * (1 - frac) + q[np.arange(len(u)), hi] * frac
+        # Index the (expert, batch) slots entry by entry: O(n) memory, never (n, n_q).
+        slot = np.where(np.isnan(quantiles[experts, batches, 0]), quantiles.shape[1] - 1, batches)
+        log_lib = quantiles[experts, slot, lo] * (1 - frac) + quantiles[experts, slot, hi] * frac
         return np.exp(log_lib)
 
 
