@@ -18,6 +18,9 @@ Usage::
 """
 
 import argparse
+import ast
+import hashlib
+import inspect
 import json
 import os
 import subprocess
@@ -35,6 +38,7 @@ import torch
 from anndata import AnnData
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import adjusted_rand_score
 from sklearn.model_selection import cross_val_score
 
 import scmoesim
@@ -53,13 +57,29 @@ def kidney_adata() -> AnnData:
     return select_genes(adata, 2000, markers)
 
 
+def model_settings(**model_kwargs) -> dict:
+    """``MoESim``'s keyword defaults as the code defines them now, updated with ``model_kwargs``."""
+    params = inspect.signature(scmoesim.MoESim.__init__).parameters.values()
+    settings = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    unknown = set(model_kwargs) - set(settings)
+    if unknown:
+        raise ValueError(f"MoESim has no setting(s) {sorted(unknown)}.")
+    return {**settings, **model_kwargs}
+
+
 def kidney_model(cache: Path, seed: int, epochs: int | None, **model_kwargs):
-    """Signature model as in ``signatures.py`` (default settings), trained once and cached."""
+    """Signature model as in ``signatures.py`` (default settings), trained once and cached.
+
+    The cache key includes a hash of every model setting (the code's current defaults plus
+    ``model_kwargs``), so a changed default trains a new model.
+    """
     adata = kidney_adata()
     scvi.settings.seed = seed
     scmoesim.MoESim.setup_anndata(adata, layer="counts", signatures=datasets.KIDNEY_SIGNATURES)
     tag = "_".join(f"{k}={v}" for k, v in sorted(model_kwargs.items())) or "default"
-    path = cache / f"kidney_seed{seed}_epochs{epochs}_{tag}"
+    settings = model_settings(n_experts=7, **model_kwargs)
+    digest = hashlib.sha1(repr(sorted(settings.items())).encode())
+    path = cache / f"kidney_seed{seed}_epochs{epochs}_{tag}_{digest.hexdigest()[:8]}"
     if (path / "model.pt").is_file():
         return scmoesim.MoESim.load(str(path), adata=adata), adata
     model = scmoesim.MoESim(adata, n_experts=7, **model_kwargs)
@@ -100,8 +120,9 @@ def accuracy_and_realism(model, adata, n_per_cluster: int, seed: int) -> tuple[l
     pca = PCA(n_components=50, random_state=0).fit(np.clip(z_real, -10, 10))
     p_real, p_gen = pca.transform(np.clip(z_real, -10, 10)), pca.transform(np.clip(z_gen, -10, 10))
     gamma = metrics._median_heuristic_gamma(p_real)
-    real_markers = _markers(x_real, real_cluster, used)
-    gen_markers = _markers(x_gen, gen_cluster, used)
+    names = adata.var_names
+    real_markers = _markers(x_real, real_cluster, used, names)
+    gen_markers = _markers(x_gen, gen_cluster, used, names)
     rows, real_rows = [], []
     for c in used:
         g, r = gen_cluster == c, real_cluster == c
@@ -126,7 +147,9 @@ def accuracy_and_realism(model, adata, n_per_cluster: int, seed: int) -> tuple[l
                 "markers recovered /20": overlap,
                 "real density": float((adata.layers["counts"][r] > 0).mean()),
                 "gen density": float((gen.X[g] > 0).mean()),
-                "real median library": float(np.median(np.asarray(adata.layers["counts"][r].sum(1)))),
+                "real median library": float(
+                    np.median(np.asarray(adata.layers["counts"][r].sum(1)))
+                ),
                 "gen median library": float(np.median(np.asarray(gen.X[g].sum(1)))),
             }
         )
@@ -134,12 +157,52 @@ def accuracy_and_realism(model, adata, n_per_cluster: int, seed: int) -> tuple[l
     return rows, real_rows, {"logreg 5-fold CV accuracy on real cells": float(cv)}
 
 
-def _markers(x: np.ndarray, groups: np.ndarray, clusters: list[str], n: int = 20) -> dict:
-    ad = AnnData(x.astype(np.float32))
+def _markers(x: np.ndarray, groups: np.ndarray, clusters: list[str], names, n: int = 20) -> dict:
+    """Top ``n`` wilcoxon markers per cluster (gene names), each cluster against the rest."""
+    ad = AnnData(x.astype(np.float32), var=pd.DataFrame(index=np.asarray(names, dtype=str)))
     ad.obs["g"] = pd.Categorical(groups)
     sc.tl.rank_genes_groups(ad, "g", method="wilcoxon", n_genes=n)
     names = ad.uns["rank_genes_groups"]["names"]
     return {c: [str(v) for v in names[c]] for c in clusters if c in names.dtype.names}
+
+
+@torch.inference_mode()
+def density_diagnosis(model, adata, seed: int) -> list[dict]:
+    """Where do the extra non-zeros of generated cells come from?
+
+    Expected non-zero fraction E[1 - P(x = 0)] per cluster, with each real cell's own library
+    size, for z = the real cell's posterior mean (reconstruction: the likelihood's limit) and
+    for z ~ N(mu_k, I) (generation); and the spread of the real cells' z around their centre
+    (the generator assumes a standard deviation of 1 per dimension).
+    """
+    module = model.module
+    module.eval()
+    x = torch.as_tensor(adata.layers["counts"].toarray(), dtype=torch.float32)
+    inf = module.inference(x, use_mean=True)
+    k, lib = inf["expert"], inf["library"]
+    gen = torch.Generator().manual_seed(seed)
+    z_gen = module.centres[k] + torch.randn(inf["z"].shape, generator=gen)
+    names = np.asarray(model.cluster_names_, dtype=object)
+    out = []
+    dens = {}
+    for label, z in (("posterior", inf["z"]), ("prior", z_gen)):
+        px = module.generative(z, k, lib)["px"]
+        p0 = torch.exp(px.log_prob(torch.zeros_like(x)))
+        dens[label] = (1 - p0).mean(1).numpy()
+    for e in np.unique(k.numpy()):
+        sel = k.numpy() == e
+        dev = (inf["z"][sel] - module.centres[e]).pow(2).mean().sqrt().item()
+        out.append(
+            {
+                "cluster": str(names[e]),
+                "cells": int(sel.sum()),
+                "real density": float((x[sel] > 0).float().mean()),
+                "model density, z = posterior mean": float(dens["posterior"][sel].mean()),
+                "model density, z ~ N(mu_k, I)": float(dens["prior"][sel].mean()),
+                "RMS of real z around mu_k (prior: 1)": dev,
+            }
+        )
+    return out
 
 
 # ---------------------------------------------------------------- (c)
@@ -200,8 +263,20 @@ def rejection_sampler(model, cluster: str, n_accept: int, max_proposals: int, se
     }
 
 
-def throughput(model, n_cells: int, threads: int, seed: int) -> dict:
+def set_threads(threads: int) -> None:
+    """Threads of both torch (decoder) and numba (count sampler)."""
     torch.set_num_threads(threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+
+
+def throughput(model, n_cells: int, threads: int, seed: int) -> dict:
+    set_threads(threads)
+    model.generate(2048, seed=seed, store_mean=False)  # warm-up (numba compile / cache load)
     load0 = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
     out = model.generate(n_cells, seed=seed, store_mean=False)
@@ -209,54 +284,155 @@ def throughput(model, n_cells: int, threads: int, seed: int) -> dict:
     return {
         "cells": n_cells,
         "genes": out.n_vars,
-        "torch threads": threads,
+        "threads": threads,
         "wall s": wall,
         "process CPU s": cpu,
         "cells/s (wall)": n_cells / wall,
-        "cells/s per CPU-second": n_cells / cpu,
+        "cells per CPU-second": n_cells / cpu,
         "load avg (1 min) before": load0,
         "load avg after": os.getloadavg()[0],
         "non-zero fraction": out.X.nnz / (out.n_obs * out.n_vars),
     }
 
 
+@torch.inference_mode()
+def profile_chunk(model, n: int, seed: int, repeats: int = 3) -> dict:
+    """CPU seconds per 1,000 cells of each step of generation (one thread, chunk of ``n``)."""
+    from scmoesim.model._generate import _chunk_to_numpy, _join_csr
+    from scmoesim.module._sampling import sample_sparse_counts
+
+    set_threads(1)
+    module = model.module
+    module.eval()
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    usage = np.asarray(model.expert_usage_, dtype=float)
+    times = dict.fromkeys(
+        ["cluster + library draws", "decoder", "softmax", "count sampler", "CSR assembly"], 0.0
+    )
+    for _ in range(repeats):
+        c = time.process_time()
+        experts = np.sort(rng.choice(len(usage), size=n, p=usage / usage.sum()))
+        lib = model._draw_libraries(experts, np.zeros(n, dtype=np.int64), rng)
+        k = torch.as_tensor(experts)
+        times["cluster + library draws"] += time.process_time() - c
+        c = time.process_time()
+        z = module.centres[k] + torch.randn(n, module.n_latent, generator=gen)
+        heads = module.experts(z, k, None)
+        times["decoder"] += time.process_time() - c
+        c = time.process_time()
+        mu = torch.as_tensor(lib, dtype=torch.float32)[:, None] * torch.softmax(heads["scale"], -1)
+        times["softmax"] += time.process_time() - c
+        c = time.process_time()
+        ip, cols, vals = sample_sparse_counts(
+            module.likelihood, mu, module.dispersion_for(k), heads.get("dropout"), gen
+        )
+        times["count sampler"] += time.process_time() - c
+        c = time.process_time()
+        chunk = _chunk_to_numpy({"indptr": ip, "cols": cols, "values": vals}, n, 0, "counts", False)
+        _join_csr([chunk], n, mu.shape[1])
+        times["CSR assembly"] += time.process_time() - c
+    total = sum(times.values())
+    return {
+        step: {"CPU s per 1,000 cells": t / repeats / n * 1000, "share": t / total}
+        for step, t in times.items()
+    }
+
+
 _MEMORY_CHILD = """
-import json, resource, sys, time, torch
+import json, os, sys, threading, time, torch
 sys.path.insert(0, {here!r})
 torch.set_num_threads(1)
-from generation import kidney_model
+from generation import kidney_model, set_threads
 from pathlib import Path
+set_threads(1)
 model, _ = kidney_model(Path({cache!r}), 0, None)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t0 = time.perf_counter()
-out = model.generate({n}, seed=0, store_mean=False, filename={filename!r}, chunk_size=2048)
-wall = time.perf_counter() - t0
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model.generate(100, seed=0, store_mean=False)  # compile / load the numba kernel
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page / 2**20
+before, peak, done = rss(), [0.0], threading.Event()
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.05)
+watcher = threading.Thread(target=watch, daemon=True)
+watcher.start()
+t0, c0 = time.perf_counter(), time.process_time()
+out = model.generate({n}, seed=0, store_mean=False, filename={filename!r})
+wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+done.set()
+watcher.join()
+peak[0] = max(peak[0], rss())
 nnz = out.X.group["data"].shape[0] if {filename!r} else out.X.nnz
-print(json.dumps({{"rss_before_MiB": before / 1024, "peak_rss_MiB": after / 1024,
-                  "wall_s": wall, "nnz": int(nnz)}}))
+print(json.dumps({{"RSS before generate MiB": before, "peak RSS during generate MiB": peak[0],
+                  "wall s": wall, "CPU s": cpu, "nnz": int(nnz)}}))
 """
 
 
-def peak_memory(cache: Path, n_cells: int, to_file: bool) -> dict:
-    """Peak RSS of a fresh process that loads the model and generates ``n_cells``."""
-    with tempfile.TemporaryDirectory() as tmp:
+def peak_memory(cache: Path, n_cells: int, to_file: bool, tmpdir: str | None = None) -> dict:
+    """Peak RSS (polled every 50 ms) of a fresh process while it generates ``n_cells``."""
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(dir=tmpdir) as tmp:
         filename = str(Path(tmp) / "gen.h5ad") if to_file else None
         code = _MEMORY_CHILD.format(here=str(HERE), cache=str(cache), n=n_cells, filename=filename)
         res = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         )
         out = json.loads(res.stdout.strip().splitlines()[-1])
-    dense_gib = n_cells * 2015 * 4 / 2**30
+        size = Path(filename).stat().st_size / 2**30 if to_file else float("nan")
+    n_var = kidney_model_genes()
     return {
         "cells": n_cells,
         "output": "backed .h5ad" if to_file else "in memory (CSR)",
         **out,
-        "dense float32 matrix would need GiB": dense_gib,
+        "file GiB": size,
+        "dense float32 matrix would need GiB": n_cells * n_var * 4 / 2**30,
+        "load avg before": load0,
+    }
+
+
+def kidney_model_genes() -> int:
+    return kidney_adata().n_vars
+
+
+def variant_summary(name: str, model, adata, n_per_cluster: int, seed: int) -> dict:
+    """Realism and clustering of one model variant, summed up in one row."""
+    rows, _, extra = accuracy_and_realism(model, adata, n_per_cluster, seed)
+    rows = pd.DataFrame(rows)
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    pred = np.asarray(model.predict()).astype(str)
+    keep = truth != "unannotated"
+    closer = rows["MMD2 gen vs real (same)"] < rows["min MMD2 real vs other real"]
+    markers = rows["markers recovered /20"]
+    return {
+        "model": name,
+        "experts used": int((np.asarray(model.expert_usage_) > 0).sum()),
+        "ARI vs cell_type": adjusted_rand_score(truth[keep], pred[keep]),
+        "model gate: in cluster (min)": rows["model gate: in cluster"].min(),
+        "logreg: in cluster (min)": rows["logreg: in cluster"].min(),
+        "MMD2 gen < min real-other (clusters)": f"{int(closer.sum())}/{len(rows)}",
+        "markers recovered /20 (min, mean)": f"{markers.min()}, {markers.mean():.1f}",
+        "gen / real density (mean ratio)": float(
+            (rows["gen density"] / rows["real density"]).mean()
+        ),
     }
 
 
 # ---------------------------------------------------------------- main
+def _parse_variant(text: str) -> dict:
+    """``"likelihood=zinb,dispersion=gene-expert"`` -> keyword arguments of ``MoESim``."""
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "scmoesim_gen"))
@@ -266,11 +442,18 @@ def main() -> None:
     parser.add_argument("--reject-accept", type=int, default=100)
     parser.add_argument("--reject-max", type=int, default=200_000)
     parser.add_argument("--speed-cells", type=int, default=20_000)
-    parser.add_argument("--memory-cells", type=int, nargs="+", default=[20_000, 100_000])
+    parser.add_argument("--memory-cells", type=int, nargs="*", default=[20_000, 100_000])
+    parser.add_argument("--memory-tmp", default=None, help="folder for the backed .h5ad files")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=["likelihood=zinb", "dispersion=gene-expert"],
+        help="model settings to compare for realism, e.g. likelihood=zinb",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    set_threads(1)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -282,6 +465,16 @@ def main() -> None:
     acc, real_markers, extra = accuracy_and_realism(model, adata, args.n_per_cluster, args.seed)
     acc = pd.DataFrame(acc)
     print(acc.round(3).to_string(), flush=True)
+    dens = pd.DataFrame(density_diagnosis(model, adata, args.seed))
+    print(dens.round(3).to_string(), flush=True)
+
+    variants = [variant_summary("default", model, adata, args.n_per_cluster, args.seed)]
+    for text in args.variants:
+        kw = _parse_variant(text)
+        m, a = kidney_model(cache, args.seed, args.epochs, **kw)
+        variants.append(variant_summary(text, m, a, args.n_per_cluster, args.seed))
+        print(pd.DataFrame(variants).round(3).to_string(), flush=True)
+    variants = pd.DataFrame(variants)
 
     sep = pd.DataFrame(
         {
@@ -308,37 +501,51 @@ def main() -> None:
     rej["fewer decoder evaluations (x)"] = rej["decoder evaluations per accepted cell"]
     print(rej.round(5).to_string(), flush=True)
 
+    prof = pd.DataFrame(profile_chunk(model, 2048, args.seed)).T
+    print(prof.round(4).to_string(), flush=True)
     speed = pd.DataFrame([throughput(model, args.speed_cells, t, args.seed) for t in args.threads])
-    torch.set_num_threads(1)
+    set_threads(1)
     print(speed.round(2).to_string(), flush=True)
     mem = pd.DataFrame(
-        [peak_memory(cache, n, to_file) for n in args.memory_cells for to_file in (True, False)]
+        [
+            peak_memory(cache, n, to_file, args.memory_tmp)
+            for n in args.memory_cells
+            for to_file in (True, False)
+        ]
     )
     print(mem.round(1).to_string(), flush=True)
 
+    settings = model_settings(n_experts=7)
     cmd = "python benchmarks/generation.py " + " ".join(sys.argv[1:])
     text = (
         "# Generation benchmark\n\n"
         f"Command: `{cmd}`\n\n"
         f"Environment: {environment()}\n\n"
-        f"Total run time: {(time.time() - t_start) / 60:.1f} min. Model: Tabula Muris kidney, "
-        "2,000 HVGs + markers, `MoESim(adata, n_experts=7)` with default settings, signatures "
-        f"as in `signatures.py`, seed {args.seed}, epochs: "
-        f"{args.epochs or 'scvi heuristic'}. Expert usage: {model.expert_usage().to_dict()}\n\n"
+        f"Total run time: {(time.time() - t_start) / 60:.1f} min (cached models are reused). "
+        "Model: Tabula Muris kidney, 2,000 HVGs + markers, signatures as in `signatures.py`, "
+        f"seed {args.seed}, epochs: {args.epochs or 'scvi heuristic'}, settings (the code's "
+        f"defaults at run time): `{settings}`. "
+        f"Expert usage: {model.expert_usage().to_dict()}\n\n"
         f"## (a) Accuracy and (b) realism, {args.n_per_cluster} generated cells per cluster\n\n"
         + acc.round(4).to_markdown(index=False)
         + "\n\n"
         + "\n".join(f"* {k}: {v:.3f}" for k, v in extra.items())
-        + "\n\nTop real-cell markers (wilcoxon):\n\n"
+        + "\n\nTop real-cell markers (wilcoxon, real cells grouped by the model's clusters):\n\n"
         + pd.DataFrame(real_markers).to_markdown(index=False)
+        + "\n\n### Where the extra non-zeros come from\n\n"
+        + dens.round(3).to_markdown(index=False)
+        + "\n\n### Model variants (realism vs clustering)\n\n"
+        + variants.round(3).to_markdown(index=False)
         + "\n\n## (c) Latent separation: MMD^2 between latent samples (annotated cell types)\n\n"
         + sep.round(4).to_markdown()
         + "\n\n## (d) Rejection sampler (posterior >= 0.999) vs generate\n\n"
         + rej.round(5).to_markdown(index=False)
+        + "\n\n## Where generation time goes (1 thread, chunks of 2,048 cells)\n\n"
+        + prof.round(4).to_markdown()
         + "\n\n## Throughput of generate (store_mean=False)\n\n"
         + speed.round(2).to_markdown(index=False)
-        + "\n\n## Peak memory (fresh process: load model + generate, store_mean=False)\n\n"
-        + mem.round(1).to_markdown(index=False)
+        + "\n\n## Peak memory (fresh process, 1 thread, store_mean=False)\n\n"
+        + (mem.round(1).to_markdown(index=False) if len(mem) else "not run")
         + "\n"
     )
     print(text)

@@ -14,17 +14,17 @@ from .conftest import KIDNEY_SIGS, TRAIN
 
 
 # ---------------------------------------------------------------- exact count sampling
-def _dense_draws(likelihood, mu, theta=None, pi=None, n=100_000, seed=0):
+def _dense_draws(likelihood, mu, theta=None, pi=None, n=100_000, seed=0, backend="auto"):
     mu_t = torch.full((n, 1), float(mu))
     th_t = torch.full((1, 1), float(theta)) if theta is not None else None
     zl = torch.full((n, 1), float(np.log(pi / (1 - pi)))) if pi is not None else None
     gen = torch.Generator().manual_seed(seed)
-    rows, cols, values = sample_sparse_counts(likelihood, mu_t, th_t, zl, gen)
-    x = np.zeros(n)
-    x[rows.numpy()] = values.numpy()
-    return x
+    indptr, cols, values = sample_sparse_counts(likelihood, mu_t, th_t, zl, gen, backend)
+    assert (cols == 0).all()
+    return sparse.csr_matrix((values.numpy(), cols.numpy(), indptr.numpy()), (n, 1)).toarray()[:, 0]
 
 
+@pytest.mark.parametrize("backend", ["numba", "torch"])
 @pytest.mark.parametrize(
     ("likelihood", "mu", "theta", "pi"),
     [
@@ -33,14 +33,16 @@ def _dense_draws(likelihood, mu, theta=None, pi=None, n=100_000, seed=0):
         ("nb", 0.05, 0.3, None),
         ("nb", 4.0, 0.5, None),
         ("nb", 0.7, 0.05, None),  # P(0) high, heavy tail: inversion continued in blocks
-        ("nb", 300.0, 0.4, None),
+        ("nb", 300.0, 0.4, None),  # Gamma shape < 1, PTRS Poisson
+        ("nb", 1000.0, 20.0, None),  # Gamma shape > 1
+        ("nb", 30.0, 0.02, None),  # P(0) ~ 0.9, long tail: inversion
         ("zinb", 2.0, 1.0, 0.4),
     ],
 )
-def test_sparse_count_sampler_matches_distribution(likelihood, mu, theta, pi):
-    x = _dense_draws(likelihood, mu, theta, pi)
+def test_sparse_count_sampler_matches_distribution(likelihood, mu, theta, pi, backend):
+    x = _dense_draws(likelihood, mu, theta, pi, backend=backend)
     dist = stats.poisson(mu) if theta is None else stats.nbinom(theta, theta / (theta + mu))
-    ks = np.array([0, 1, 2, 3, 5, 10, 40])
+    ks = np.array([0, 1, 2, 3, 5, 10, 40, 300, 1000])
     cdf = dist.cdf(ks)
     if pi is not None:
         cdf = pi + (1 - pi) * cdf
@@ -52,22 +54,51 @@ def test_sparse_count_sampler_matches_distribution(likelihood, mu, theta, pi):
     assert abs(x.mean() - mean) < 5 * se + 1e-3 * mean
 
 
-def test_sparse_count_sampler_layout_and_seed():
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_sparse_count_sampler_layout_and_seed(backend):
     gen = torch.Generator().manual_seed(0)
     mu = torch.rand(50, 40) * torch.logspace(-3, 2, 40)
     theta = torch.full((1, 40), 0.5)
-    rows, cols, values = sample_sparse_counts("nb", mu, theta, generator=gen)
-    assert (values > 0).all() and values.dtype == torch.int32
+    indptr, cols, values = sample_sparse_counts("nb", mu, theta, generator=gen, backend=backend)
+    assert (values > 0).all() and values.dtype == torch.int32 and cols.dtype == torch.int32
+    assert indptr.shape == (51,) and indptr[0] == 0 and indptr[-1] == values.shape[0]
+    rows = torch.repeat_interleave(torch.arange(50), torch.diff(indptr))
     flat = rows * 40 + cols
     assert (flat[1:] > flat[:-1]).all()  # row-major, no duplicates
-    again = sample_sparse_counts("nb", mu, theta, generator=torch.Generator().manual_seed(0))
+    seeded = torch.Generator().manual_seed(0)
+    again = sample_sparse_counts("nb", mu, theta, generator=seeded, backend=backend)
     torch.testing.assert_close(values, again[2])
+    # per-cell theta (dispersion="gene-expert") is used row by row: a huge theta in one row
+    # makes that row Poisson-like (variance ~ mean), a tiny one very overdispersed
+    big = torch.full((2000, 1), 20.0)
+    per_row = torch.cat([torch.full((1000, 1), 1e4), torch.full((1000, 1), 0.5)])
+    ip, _, v = sample_sparse_counts("nb", big, per_row, generator=seeded, backend=backend)
+    x = sparse.csr_matrix((v.numpy(), _.numpy(), ip.numpy()), (2000, 1)).toarray()[:, 0]
+    assert 15 < x[:1000].var() < 27 and x[1000:].var() > 400
     with pytest.raises(ValueError, match="needs theta"):
         sample_sparse_counts("nb", mu)
     with pytest.raises(ValueError, match="needs zi_logits"):
         sample_sparse_counts("zinb", mu, theta)
     with pytest.raises(ValueError, match="'poisson', 'nb' or 'zinb'"):
         sample_sparse_counts("normal", mu)
+    with pytest.raises(ValueError, match="backend"):
+        sample_sparse_counts("nb", mu, theta, backend="cuda")
+
+
+def test_numba_sampler_does_not_depend_on_threads():
+    numba = pytest.importorskip("numba")
+    mu = torch.rand(64, 30) * 50
+    theta = torch.full((1, 30), 0.4)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = sample_sparse_counts("nb", mu, theta, generator=torch.Generator().manual_seed(3))
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = sample_sparse_counts("nb", mu, theta, generator=torch.Generator().manual_seed(3))
+    finally:
+        numba.set_num_threads(threads)
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson", "normal", "bernoulli"])

@@ -352,8 +352,8 @@ class MoESimModule(BaseModuleClass):
 
         Returns
         -------
-        ``"mean"``: ``(n, genes)`` expected values. Count likelihoods: ``"rows"``, ``"cols"``,
-        ``"values"``, the non-zero sampled counts in row-major order (exact sampling, see
+        ``"mean"``: ``(n, genes)`` expected values. Count likelihoods: ``"indptr"``, ``"cols"``,
+        ``"values"``, the sampled counts as CSR parts (exact sampling, see
         :func:`~scmoesim.module._sampling.sample_sparse_counts`). ``"normal"``: ``"sample"``,
         ``(n, genes)`` draws. ``"bernoulli"``: ``"sample"`` is the mean (probabilities, as the
         model sees data scaled to [0, 1]).
@@ -370,11 +370,11 @@ class MoESimModule(BaseModuleClass):
                 raise ValueError("Count likelihoods need library sizes to generate counts.")
             mu = library * torch.softmax(heads["scale"], dim=-1)
             zi_logits = heads.get("dropout")
-            rows, cols, values = sample_sparse_counts(
+            indptr, cols, values = sample_sparse_counts(
                 self.likelihood, mu, dispersion, zi_logits, generator
             )
             mean = mu * torch.sigmoid(-zi_logits) if zi_logits is not None else mu
-            return {"mean": mean, "rows": rows, "cols": cols, "values": values}
+            return {"mean": mean, "indptr": indptr, "cols": cols, "values": values}
         loc = heads["loc"]
         if self.likelihood == "bernoulli":
             mean = torch.sigmoid(loc)

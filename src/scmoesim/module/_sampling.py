@@ -2,22 +2,33 @@
 
 Generated count matrices are mostly zeros, and drawing a Gamma and a Poisson variate for every
 entry (what ``Distribution.sample()`` does) costs far more than everything else in generation.
-:func:`sample_sparse_counts` draws one uniform ``u`` per entry and uses inverse-transform
-sampling, ``x = min{k : F(k) > u}``, which is exact:
+Both samplers here draw one uniform ``u`` per entry and use the inverse transform for the zeros,
+which is exact:
 
 1. ``P(x = 0) >= 1 - mu`` for all three distributions (Bernoulli's inequality), so every entry
-   with ``u < 1 - mu`` is zero without computing anything else. For sparse data that is almost
-   every entry, and the remaining candidates are few.
-2. For the candidates, ``P(x = 0)`` is computed exactly (float64); ``u < P(x = 0)`` gives zero.
+   with ``u < 1 - mu`` is zero without computing anything else.
+2. For the other entries, ``P(x = 0)`` is computed (float64); ``u < P(x = 0)`` gives zero.
 3. The entries that are non-zero are drawn from the distribution conditioned on ``x > 0``: by
-   continuing the inverse transform with the same ``u`` where ``P(x = 0)`` is large (a few
-   steps of the pmf recursion, then blocks of the log-pmf for the tail), and by independent
-   rejection draws (Gamma-Poisson until ``x > 0``) where it is small.
+   continuing the inverse transform with the same ``u`` where that is short, and by
+   independent draws (Gamma-Poisson until ``x > 0``) otherwise.
 
-The result is a row-major list of the non-zero entries, ready to become a CSR matrix.
+On the CPU a fused numba kernel (:mod:`._count_kernel`) does this per row, in parallel over
+rows, and writes CSR parts directly; on other devices (or without numba) a vectorised torch
+version runs on the device.
 """
 
+import numpy as np
 import torch
+
+
+def _numba_kernel():
+    """The numba kernel module, imported on first use (``None`` without numba)."""
+    try:
+        from . import _count_kernel
+    except ImportError:  # pragma: no cover - numba comes with scanpy
+        return None
+    return _count_kernel
+
 
 #: Entries with P(x = 0) below this are drawn by rejection (expected <= 1 / (1 - tau) rounds).
 _REJECTION_BELOW = 0.5
@@ -33,8 +44,9 @@ def sample_sparse_counts(
     theta: torch.Tensor | None = None,
     zi_logits: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw a count matrix and return its non-zero entries in row-major order.
+    """Draw a count matrix and return it as CSR parts.
 
     Parameters
     ----------
@@ -43,17 +55,20 @@ def sample_sparse_counts(
     mu
         ``(n, genes)`` means of the Poisson / negative binomial (before zero inflation).
     theta
-        NB inverse dispersion, broadcastable to ``mu`` (``"nb"``, ``"zinb"``).
+        NB inverse dispersion, ``(1 or n, genes)`` (``"nb"``, ``"zinb"``).
     zi_logits
         ``(n, genes)`` logits of the zero-inflation probability (``"zinb"``).
     generator
-        Random generator on ``mu``'s device (``None``: the global one).
+        Random generator on ``mu``'s device (``None``: the global one). The numba kernel takes
+        one 63-bit key from it; the torch sampler draws from it directly.
+    backend
+        ``"auto"`` (numba on the CPU when available, else torch), ``"numba"`` or ``"torch"``.
 
     Returns
     -------
-    rows, cols, values
-        Row and column (int64) and value (int32) of every non-zero entry, sorted by row, then
-        column.
+    indptr, indices, values
+        CSR parts on ``mu``'s device: ``indptr`` (int64, ``n + 1``), column indices (int32)
+        and values (int32, all > 0) of the non-zero entries, sorted by row, then column.
     """
     if likelihood not in ("poisson", "nb", "zinb"):
         raise ValueError(f"Count sampling needs 'poisson', 'nb' or 'zinb', got {likelihood!r}.")
@@ -61,6 +76,63 @@ def sample_sparse_counts(
         raise ValueError(f"likelihood={likelihood!r} needs theta.")
     if likelihood == "zinb" and zi_logits is None:
         raise ValueError("likelihood='zinb' needs zi_logits.")
+    if backend not in ("auto", "numba", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}.")
+    kernel = _numba_kernel() if backend != "torch" else None
+    if backend == "numba" and kernel is None:
+        raise ImportError("backend='numba' needs numba.")
+    if kernel is not None and (backend == "numba" or mu.device.type == "cpu"):
+        return _sample_numba(kernel, likelihood, mu, theta, zi_logits, generator)
+    rows, cols, values = _sample_torch(likelihood, mu, theta, zi_logits, generator)
+    indptr = torch.zeros(mu.shape[0] + 1, dtype=torch.int64, device=mu.device)
+    torch.cumsum(torch.bincount(rows, minlength=mu.shape[0]), 0, out=indptr[1:])
+    return indptr, cols.to(torch.int32), values
+
+
+def _sample_numba(kernel, likelihood, mu, theta, zi_logits, generator):
+    device = mu.device
+    kind = {"poisson": kernel.POISSON, "nb": kernel.NB, "zinb": kernel.ZINB}
+    n, g = mu.shape
+    mu = mu.detach().cpu().float().contiguous()
+    dummy = np.zeros((1, 1), np.float32)
+    if likelihood == "poisson":
+        th_np = dummy
+        p0 = torch.exp(-mu)
+    else:
+        th = theta.detach().cpu().float()
+        th = th.reshape(-1, g) if th.dim() > 1 else th[None]
+        if th.shape[0] not in (1, n):
+            raise ValueError(f"theta must have 1 or {n} rows, got shape {tuple(theta.shape)}.")
+        th_np = th.contiguous().numpy()
+        # float32 and vectorised; the kernel re-checks entries too close to call in float64
+        p0 = torch.exp(torch.log1p(mu / th).mul_(-th))
+    zl_np = zi_logits.detach().cpu().float().contiguous().numpy() if likelihood == "zinb" else dummy
+    key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
+    values = np.empty(n * g, np.int32)
+    cols = np.empty(n * g, np.int32)
+    row_nnz = np.empty(n, np.int64)
+    kernel.sample_rows(
+        mu.numpy(), p0.numpy(), th_np, zl_np, kind[likelihood], key, values, cols, row_nnz
+    )
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(row_nnz, out=indptr[1:])
+    out_values = np.empty(indptr[-1], np.int32)
+    out_cols = np.empty(indptr[-1], np.int32)
+    kernel.compact(values, cols, row_nnz, indptr, out_values, out_cols)
+    return tuple(torch.from_numpy(a).to(device) for a in (indptr, out_cols, out_values))
+
+
+def _sample_torch(
+    likelihood: str,
+    mu: torch.Tensor,
+    theta: torch.Tensor | None = None,
+    zi_logits: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch sampler (any device): the non-zero entries in row-major order.
+
+    Returns row and column (int64) and value (int32) of every non-zero entry.
+    """
     u = torch.rand(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     # Step 1: P(0) >= 1 - mu. The small slack keeps float32 rounding on the safe side.
     cand = torch.nonzero((u + mu) >= (1.0 - 1e-5))
