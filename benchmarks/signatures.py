@@ -133,9 +133,12 @@ def main() -> None:
     ]
     rows = []
     if args.jobs > 1:
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(args.jobs) as pool:
+        # spawn, not fork: forked workers inherit torch's OpenMP state and ran ~10x slower here
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
             for result in pool.map(_run, tasks):
                 rows += result
                 print(pd.DataFrame(result).to_string(), flush=True)
