@@ -20,6 +20,15 @@ def select_genes(adata: AnnData, n_top: int, keep: list[str], layer: str = "coun
     return adata[:, mask].copy()
 
 
+def kidney_signature_data() -> AnnData:
+    """Tabula Muris kidney FACS: the 2,000 most variable genes plus the kidney markers."""
+    from scmoesim import datasets
+
+    adata = datasets.tabula_muris_kidney()
+    markers = [g for gs in datasets.KIDNEY_SIGNATURES.values() for g in gs]
+    return select_genes(adata, 2000, markers)
+
+
 def log_pca(
     adata: AnnData, layer: str | None, n_comps: int = 50, counts: bool = True
 ) -> np.ndarray:

@@ -42,7 +42,7 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.model_selection import cross_val_score
 
 import scmoesim
-from _common import environment, select_genes
+from _common import environment, kidney_signature_data
 from scmoesim import datasets, metrics
 
 warnings.filterwarnings("ignore")
@@ -52,9 +52,7 @@ HERE = Path(__file__).resolve().parent
 # ---------------------------------------------------------------- models
 def kidney_adata() -> AnnData:
     """The kidney data exactly as ``signatures.py`` prepares it (2,000 HVGs + markers)."""
-    adata = datasets.tabula_muris_kidney()
-    markers = [g for gs in datasets.KIDNEY_SIGNATURES.values() for g in gs]
-    return select_genes(adata, 2000, markers)
+    return kidney_signature_data()
 
 
 def model_settings(**model_kwargs) -> dict:

@@ -25,7 +25,7 @@ import scvi
 import torch
 
 import scmoesim
-from _common import environment, kmeans, log_pca, select_genes
+from _common import environment, kidney_signature_data, kmeans, log_pca
 from scmoesim import datasets, metrics
 
 warnings.filterwarnings("ignore")
@@ -37,9 +37,7 @@ def _scores(truth, pred) -> dict:
 
 
 def run_kidney(seed: int, model_kwargs: dict, epochs: int | None) -> list[dict]:
-    adata = datasets.tabula_muris_kidney()
-    markers = [g for gs in datasets.KIDNEY_SIGNATURES.values() for g in gs]
-    adata = select_genes(adata, 2000, markers)
+    adata = kidney_signature_data()
     truth = adata.obs["cell_type"].astype(str)
     annotated = (truth != "unannotated").to_numpy()
     rows = []

@@ -80,15 +80,21 @@ def time_epochs(name: str, adata, epochs: int, batch_size: int) -> EpochTimer:
     return timer
 
 
-def step_breakdown(adata, k: int, batch_size: int, n_steps: int) -> dict[str, float]:
-    """Milliseconds per phase of a training step of MoESim with ``k`` experts."""
+def _step_parts(adata, k: int, batch_size: int, n_batches: int):
+    """Seeded MoESim with ``k`` experts: module (train mode), plan, optimizer, first batches."""
     scvi.settings.seed = 0
     model = build(f"K={k}", adata)
     module = model.module.train()
     plan = scmoesim.train.MoESimTrainingPlan(module)
     opt = plan.configure_optimizers()["optimizer"]
     loader = model._make_data_loader(adata=model.adata, batch_size=batch_size, shuffle=True)
-    batches = [b for _, b in zip(range(n_steps + 2), loader, strict=False)]
+    batches = [b for _, b in zip(range(n_batches), loader, strict=False)]
+    return module, plan, opt, batches
+
+
+def step_breakdown(adata, k: int, batch_size: int, n_steps: int) -> dict[str, float]:
+    """Milliseconds per phase of a training step of MoESim with ``k`` experts."""
+    module, plan, opt, batches = _step_parts(adata, k, batch_size, n_steps + 2)
     acc = {"forward + loss": 0.0, "similarity (S)": 0.0, "backward": 0.0, "optimizer": 0.0}
     for i, b in enumerate(batches):
         t0 = time.process_time()
@@ -128,13 +134,7 @@ def adam_comparison(module, n: int = 10) -> dict[str, float]:
 
 def similarity_share(adata, k: int, batch_size: int, n_steps: int) -> dict[str, float]:
     """Similarity matrix + its BCE (forward and backward) against a full step, batch 1,024."""
-    scvi.settings.seed = 0
-    model = build(f"K={k}", adata)
-    module = model.module.train()
-    plan = scmoesim.train.MoESimTrainingPlan(module)
-    opt = plan.configure_optimizers()["optimizer"]
-    loader = model._make_data_loader(adata=model.adata, batch_size=batch_size, shuffle=True)
-    batches = [b for _, b in zip(range(n_steps + 1), loader, strict=False)]
+    module, _, opt, batches = _step_parts(adata, k, batch_size, n_steps + 1)
     t_step = t_sim = 0.0
     for i, b in enumerate(batches):
         t0 = time.process_time()
@@ -158,12 +158,7 @@ def profile_table(adata, k: int, batch_size: int, n_steps: int = 8) -> str:
     """torch.profiler's top operators (self CPU time) over ``n_steps`` training steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    scvi.settings.seed = 0
-    model = build(f"K={k}", adata)
-    module = model.module.train()
-    opt = scmoesim.train.MoESimTrainingPlan(module).configure_optimizers()["optimizer"]
-    loader = model._make_data_loader(adata=model.adata, batch_size=batch_size, shuffle=True)
-    batches = [b for _, b in zip(range(n_steps), loader, strict=False)]
+    module, _, opt, batches = _step_parts(adata, k, batch_size, n_steps)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for b in batches:
             _, _, loss = module(b, compute_loss=True)

@@ -112,11 +112,9 @@ def load_pbmc() -> Dataset:
 
 
 def load_kidney() -> Dataset:
-    from _common import select_genes
+    from _common import kidney_signature_data
 
-    adata = datasets.tabula_muris_kidney()
-    markers = [g for gs in datasets.KIDNEY_SIGNATURES.values() for g in gs]
-    adata = select_genes(adata, 2000, markers)
+    adata = kidney_signature_data()
     truth = adata.obs["cell_type"].astype(str).to_numpy()
     return Dataset(
         "tm_kidney",
