@@ -132,8 +132,12 @@ def check_embedding(adata: AnnData, key: str | None) -> None:
     emb = emb.to_numpy() if isinstance(emb, pd.DataFrame) else np.asarray(emb)
     if emb.ndim != 2 or emb.shape[1] == 0:
         raise ValueError(f"adata.obsm[{key!r}] must be a 2-D array with at least one column.")
-    if not np.isfinite(emb.astype(float)).all():
-        raise ValueError(f"adata.obsm[{key!r}] contains NaN or infinite values.")
+    if not np.issubdtype(emb.dtype, np.number) or emb.dtype == np.bool_:
+        raise TypeError(f"adata.obsm[{key!r}] must be numeric, got dtype {emb.dtype}.")
+    # In the stored dtype and chunk by chunk: no float64 copy of a million-cell embedding.
+    for start in range(0, emb.shape[0], _CHUNK):
+        if not np.isfinite(emb[start : start + _CHUNK]).all():
+            raise ValueError(f"adata.obsm[{key!r}] contains NaN or infinite values.")
 
 
 def warn_all_zero(adata: AnnData, layer: str | None) -> None:
