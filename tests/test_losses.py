@@ -46,6 +46,41 @@ def test_similarity_bce_full_bce_over_known_pairs():
     assert lossn.item() == 0 and n.item() == 0
 
 
+def _reference_bce(p, s, mask):
+    """The plain formula the fused loss must equal (clamp, two logs, products with S)."""
+    pp = (p @ p.T).clamp(1e-7, 1.0 - 1e-7)
+    bce = -(s * torch.log(pp) + (1.0 - s) * torch.log1p(-pp))
+    m = mask.to(p.dtype)
+    return (bce * m).sum() / m.sum().clamp_min(1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sharp", [1.0, 30.0])  # 30: many P P^T below 1e-7 (clamp active)
+def test_similarity_bce_equals_reference_formula(dtype, sharp):
+    g = torch.Generator().manual_seed(int(sharp))
+    n, k = 60, 5
+    logits = sharp * torch.randn(n, k, generator=g, dtype=dtype)
+    s = (torch.rand(n, n, generator=g) < 0.3).to(dtype)
+    s = torch.maximum(s, s.T)
+    mask = torch.rand(n, n, generator=g) < 0.7  # unknown pairs, not symmetric
+    mask.fill_diagonal_(False)
+    if sharp > 1:
+        assert ((logits.softmax(-1) @ logits.softmax(-1).T) < 1e-7).any()
+    grads, values = [], []
+    for fn in (_reference_bce, lambda p, s, m: similarity_bce(p, s, m)[0]):
+        p = logits.clone().requires_grad_(True)
+        value = fn(torch.softmax(p, -1), s, mask)
+        value.backward()
+        values.append(value.detach())
+        grads.append(p.grad)
+    tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {}
+    torch.testing.assert_close(values[1], values[0], **tol)
+    torch.testing.assert_close(grads[1], grads[0], **tol)
+    # a boolean S gives the same loss as its 0/1 float version
+    p = torch.softmax(logits, -1)
+    assert similarity_bce(p, s.bool(), mask)[0] == similarity_bce(p, s, mask)[0]
+
+
 def test_similarity_bce_collapse_is_penalised():
     s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     mask = torch.tensor([[False, True], [True, False]])

@@ -209,3 +209,45 @@ def test_train_from_backed_h5ad_without_loading_x(tmp_path, monkeypatch):
     torch.testing.assert_close(
         model.module.signature_scorer.sds, model_mem.module.signature_scorer.sds
     )
+
+
+def test_embedding_check_does_not_copy_the_embedding():
+    """Finiteness is checked chunk by chunk in the stored dtype (no float64 copy of it all)."""
+    import tracemalloc
+
+    emb = np.random.default_rng(0).normal(size=(100_000, 20)).astype(np.float32)
+    adata = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(emb.shape[0])]))
+    adata.obsm["X_pca"] = emb
+    tracemalloc.start()
+    _validate.check_embedding(adata, "X_pca")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < emb.nbytes / 10
+    adata.obsm["X_pca"][-1, -1] = np.inf  # in the last chunk
+    with pytest.raises(ValueError, match="contains NaN or infinite"):
+        _validate.check_embedding(adata, "X_pca")
+    adata.obsm["X_pca"] = np.full((emb.shape[0], 2), "a", dtype=object)
+    with pytest.raises(TypeError, match="must be numeric"):
+        _validate.check_embedding(adata, "X_pca")
+
+
+def test_streamed_training_summary_equals_the_per_cell_computation():
+    """Usage, names, batch counts and library quantiles as computed from a full per-cell pass."""
+    from scmoesim.model import _outputs
+
+    adata = _toy_adata(n=300)
+    scmoesim.MoESim.setup_anndata(adata, labels_key="type", batch_key="batch")
+    model = scmoesim.MoESim(adata, n_experts=5, n_hidden=16, n_latent=4)
+    model.train(max_epochs=2, batch_size=32, enable_progress_bar=False)
+    out = model._pass(reference=True, batch_size=7)  # other minibatches than the summary's
+    usage = np.bincount(out["expert"], minlength=5)
+    np.testing.assert_array_equal(model.expert_usage_, usage)
+    assert model.cluster_names_ == _outputs._name_experts(
+        out["p"], out["reference"], model._class_names(), usage
+    )
+    assert {"0", "1", "2"} <= set(model.cluster_names_)
+    np.testing.assert_array_equal(model.expert_batch_counts_, _outputs._batch_counts(out, 5, 2))
+    assert model.expert_batch_counts_.sum() == 300 and model.expert_batch_counts_.shape == (5, 2)
+    np.testing.assert_allclose(
+        model.library_quantiles_, _outputs._library_quantiles(out, 5, 2), equal_nan=True
+    )

@@ -75,6 +75,20 @@ def test_knn_symmetric_and_at_least_k(n, k, metric, seed):
     assert m.sum() == n * (n - 1)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "correlation", "canberra", "cosine"])
+def test_knn_equals_topk_of_the_distances(metric):
+    # the euclidean path ranks by |x_j|^2 - 2 x_i.x_j instead of cdist: same neighbours
+    x = torch.randn(300, 20, generator=torch.Generator().manual_seed(1))
+    d = pairwise_distances(x, metric)
+    d.fill_diagonal_(float("inf"))
+    idx = d.topk(7, dim=1, largest=False).indices
+    expected = torch.zeros(300, 300).scatter_(1, idx, 1.0)
+    expected = torch.maximum(expected, expected.T)
+    s, m = knn_similarity(x, n_neighbors=7, metric=metric)
+    assert torch.equal(s, expected)
+    assert torch.equal(m, ~torch.eye(300, dtype=torch.bool))
+
+
 def test_pairwise_distances_match_scipy():
     from scipy.spatial.distance import cdist
 

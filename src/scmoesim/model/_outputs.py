@@ -32,18 +32,21 @@ class OutputsMixin:
         yield from loader
 
     @torch.inference_mode()
-    def _pass(
+    def _iter_pass(
         self,
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
         give_mean: bool = True,
         reference: bool = False,
-    ) -> dict[str, np.ndarray]:
-        """One pass over the data: latent, gate probabilities, expert, library, batch."""
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """One pass over the data, minibatch by minibatch.
+
+        Yields per-minibatch arrays: latent, gate probabilities, expert, library, batch (and,
+        with ``reference``, class codes).
+        """
         self._check_if_trained(warn=False)
         self.module.eval()
-        out: dict[str, list[np.ndarray]] = {}
         for tensors in self._batches(adata, indices, batch_size):
             inf = self.module.inference(
                 **self.module._get_inference_input(tensors), use_mean=give_mean
@@ -56,8 +59,21 @@ class OutputsMixin:
                 parts["batch"] = tensors[K.BATCH_KEY].reshape(-1)
             if reference:
                 parts["reference"] = self._reference_codes(tensors, inf["library"])
-            for key, value in parts.items():
-                out.setdefault(key, []).append(value.detach().cpu().numpy())
+            yield {key: value.detach().cpu().numpy() for key, value in parts.items()}
+
+    def _pass(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        give_mean: bool = True,
+        reference: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """:meth:`_iter_pass` concatenated over all cells."""
+        out: dict[str, list[np.ndarray]] = {}
+        for part in self._iter_pass(adata, indices, batch_size, give_mean, reference):
+            for key, value in part.items():
+                out.setdefault(key, []).append(value)
         return {k: np.concatenate(v) for k, v in out.items()}
 
     def _reference_codes(self, tensors: dict, library) -> torch.Tensor:
@@ -229,22 +245,52 @@ class OutputsMixin:
         return named + rest
 
     def _summarise_training_data(self) -> None:
-        """Name the clusters and record per-expert statistics of the training cells."""
-        out = self._pass(reference=True)
+        """Name the clusters and record per-expert statistics of the training cells.
+
+        Streams over the cells and keeps per-expert aggregates only (usage, the gate mass of
+        each class on each expert, cells per expert and batch), plus the library size, expert
+        and batch of each cell for the exact library quantiles (about 8 bytes a cell, instead
+        of the ``(n, K)`` probabilities and ``(n, n_latent)`` latent of a full pass).
+        """
         n_exp = self.module.n_experts
-        usage = np.bincount(out["expert"], minlength=n_exp)
+        n_batch = self.summary_stats.n_batch
+        classes = self._class_names()
+        usage = np.zeros(n_exp, dtype=np.int64)
+        mass = np.zeros((len(classes), n_exp))
+        # Filled in place: per-minibatch pieces kept alive between the pass's large freed
+        # buffers would fragment the heap and hold on to their memory.
+        n_obs = self.adata.n_obs
+        code = np.min_scalar_type(max(n_exp, n_batch, 1))
+        out = {"expert": np.empty(n_obs, code), "batch": np.zeros(n_obs, code)}
+        start = 0
+        for part in self._iter_pass(reference=True):
+            stop = start + part["expert"].shape[0]
+            usage += np.bincount(part["expert"], minlength=n_exp)
+            _add_class_mass(mass, part["p"], part["reference"])
+            out["expert"][start:stop] = part["expert"]
+            if "batch" in part:
+                out["batch"][start:stop] = part["batch"]
+            if "library" in part:
+                out.setdefault("library", np.empty(n_obs, part["library"].dtype))
+                out["library"][start:stop] = part["library"]
+            start = stop
         self.expert_usage_ = usage
-        self.cluster_names_ = _name_experts(out["p"], out["reference"], self._class_names(), usage)
-        self.expert_batch_counts_ = _batch_counts(out, n_exp, self.summary_stats.n_batch)
+        self.cluster_names_ = _names_from_mass(mass, classes, usage)
+        self.expert_batch_counts_ = _batch_counts(out, n_exp, n_batch)
         self.library_quantiles_ = (
-            _library_quantiles(out, n_exp, self.summary_stats.n_batch) if "library" in out else None
+            _library_quantiles(out, n_exp, n_batch) if "library" in out else None
         )
 
 
-def _name_experts(
-    proba: np.ndarray, reference: np.ndarray, classes: list[str], usage: np.ndarray
-) -> list[str]:
-    """Name experts after classes; number the remaining ones by usage.
+def _add_class_mass(mass: np.ndarray, proba: np.ndarray, reference: np.ndarray) -> None:
+    """Add each known cell's gate probabilities to its class's row of ``mass`` (in place)."""
+    known = reference >= 0
+    if mass.shape[0] and known.any():
+        np.add.at(mass, reference[known], proba[known])
+
+
+def _names_from_mass(mass: np.ndarray, classes: list[str], usage: np.ndarray) -> list[str]:
+    """Name experts after classes from the ``(classes, K)`` gate mass; number the others.
 
     Classes are matched one-to-one to experts (Hungarian) maximising the gate probability mass
     that each class's known cells put on the expert, so every class gets an expert even when
@@ -253,11 +299,8 @@ def _name_experts(
     """
     n_exp = len(usage)
     names: list[str | None] = [None] * n_exp
-    known = reference >= 0
-    if classes and known.any():
-        table = np.zeros((len(classes), n_exp))
-        np.add.at(table, reference[known], proba[known])
-        rows, cols = linear_sum_assignment(table, maximize=True)
+    if classes and mass.any():
+        rows, cols = linear_sum_assignment(mass, maximize=True)
         for r, c in zip(rows, cols, strict=True):
             names[c] = classes[r]
     taken = set(n for n in names if n is not None)
@@ -266,6 +309,15 @@ def _name_experts(
     for i, k in enumerate(free):
         names[k] = f"{prefix}{i}"
     return [str(n) for n in names]
+
+
+def _name_experts(
+    proba: np.ndarray, reference: np.ndarray, classes: list[str], usage: np.ndarray
+) -> list[str]:
+    """Name experts after classes from per-cell probabilities (see :func:`_names_from_mass`)."""
+    mass = np.zeros((len(classes), len(usage)))
+    _add_class_mass(mass, proba, reference)
+    return _names_from_mass(mass, classes, usage)
 
 
 def _batch_counts(out: dict, n_exp: int, n_batch: int) -> np.ndarray:

@@ -7,6 +7,8 @@ from scipy import sparse
 
 from scmoesim._constants import COUNT_LIKELIHOODS
 
+from ._generate import _release_freed_memory
+
 _CHUNK = 10_000
 
 
@@ -31,6 +33,10 @@ def _value_blocks(x):
     for start in range(0, x.shape[0], _CHUNK):
         block = x[start : start + _CHUNK]
         yield np.asarray(block.data if sparse.issparse(block) else block)
+        del block
+        # Backed X: without this, the freed blocks fragment the heap and the resident memory
+        # grows with the number of cells (+170 MiB over 1M cells of 2,000 genes).
+        _release_freed_memory()
 
 
 def where(layer: str | None) -> str:
@@ -132,8 +138,12 @@ def check_embedding(adata: AnnData, key: str | None) -> None:
     emb = emb.to_numpy() if isinstance(emb, pd.DataFrame) else np.asarray(emb)
     if emb.ndim != 2 or emb.shape[1] == 0:
         raise ValueError(f"adata.obsm[{key!r}] must be a 2-D array with at least one column.")
-    if not np.isfinite(emb.astype(float)).all():
-        raise ValueError(f"adata.obsm[{key!r}] contains NaN or infinite values.")
+    if not np.issubdtype(emb.dtype, np.number) or emb.dtype == np.bool_:
+        raise TypeError(f"adata.obsm[{key!r}] must be numeric, got dtype {emb.dtype}.")
+    # In the stored dtype and chunk by chunk: no float64 copy of a million-cell embedding.
+    for start in range(0, emb.shape[0], _CHUNK):
+        if not np.isfinite(emb[start : start + _CHUNK]).all():
+            raise ValueError(f"adata.obsm[{key!r}] contains NaN or infinite values.")
 
 
 def warn_all_zero(adata: AnnData, layer: str | None) -> None:
@@ -156,6 +166,8 @@ def warn_all_zero(adata: AnnData, layer: str | None) -> None:
             nonzero = np.asarray(block) != 0
             nz_cells[start : start + block.shape[0]] = nonzero.any(1)
             nz_genes |= nonzero.any(0)
+        del block
+        _release_freed_memory()
     for what, keep, names, fix in (
         ("cells", nz_cells, adata.obs_names, "sc.pp.filter_cells(adata, min_counts=1)"),
         ("genes", nz_genes, adata.var_names, "sc.pp.filter_genes(adata, min_cells=1)"),

@@ -47,6 +47,39 @@ def kl_paper(z: torch.Tensor, p: torch.Tensor, min_weight: float = 2.0) -> torch
     return (kl_k * w * keep).sum() / (w * keep).sum().clamp_min(_EPS)
 
 
+class _PairBCE(torch.autograd.Function):
+    """Summed BCE between ``P P^T`` and a binary ``S`` over the pairs where ``m = 1``.
+
+    One fused pass per step instead of autograd's chain (clamp, two logs, products with ``S``
+    and the mask, each with its own ``n x n`` temporaries in forward and backward). With
+    ``S`` in {0, 1}, ``-[S log q + (1 - S) log(1 - q)] = -log y`` with ``y = q`` where ``S = 1``
+    and ``y = 1 - q`` where ``S = 0``: one logarithm per pair. The gradient with respect to
+    ``q`` is ``-1/y`` where ``S = 1`` and ``+1/y`` where ``S = 0``, zero where the clamp of
+    ``q`` to ``[eps, 1 - eps]`` is active, exactly as autograd would give for the clamped
+    formula. Float 0/1 tensors are used throughout: on the CPU, ``where`` and ``masked_fill``
+    with a boolean ``n x n`` condition cost several times a float multiply.
+    """
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        pp = p @ p.T
+        keep = (pp >= _EPS) & (pp <= 1.0 - _EPS)  # where the clamp passes the gradient
+        pp.clamp_(_EPS, 1.0 - _EPS)
+        # u = pp where s = 1, -(1 - pp) where s = 0 (lerp is exact at weights 0 and 1), so the
+        # pair's loss is -log|u| and its gradient with respect to pp is -1/u
+        u = torch.lerp(pp - 1.0, pp, s)
+        ctx.save_for_backward(p, m, u, keep)
+        return -torch.dot(m.reshape(-1), u.abs().log_().reshape(-1))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        p, m, u, keep = ctx.saved_tensors
+        g_pp = torch.where(keep, m.div(u).mul_(-grad), 0.0)
+        # (p^T g)^T is g^T p without reading g transposed
+        return torch.mm(g_pp, p).add_((p.T @ g_pp).T), None, None
+
+
 def similarity_bce(
     p: torch.Tensor, s: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,13 +87,15 @@ def similarity_bce(
 
     The paper writes only the ``S log(PP^T)`` half; this is the full BCE, with the
     ``(1 - S) log(1 - PP^T)`` term that stops all cells from collapsing into one cluster.
+    ``P P^T`` is clamped to ``[1e-7, 1 - 1e-7]`` (no gradient where the clamp is active).
 
     Parameters
     ----------
     p
         ``(n, K)`` gate probabilities.
     s, mask
-        ``(n, n)`` similarity and known-pair mask.
+        ``(n, n)`` similarity (binary: 0/1 floats or booleans, as every builder in
+        :mod:`scmoesim.similarity` returns) and known-pair mask.
 
     Returns
     -------
@@ -68,12 +103,17 @@ def similarity_bce(
         Scalar: mean BCE over known pairs (0 when no pair is known).
     n_pairs
         Number of known pairs (a tensor, to avoid a host sync).
+
+    Notes
+    -----
+    Equal, up to float rounding, to
+    ``-(s * log(pp) + (1 - s) * log1p(-pp))`` averaged over the mask with
+    ``pp = (p @ p.T).clamp(1e-7, 1 - 1e-7)``, in value and gradient
+    (``tests/test_losses.py`` checks both against that formula).
     """
-    pp = (p @ p.T).clamp(_EPS, 1.0 - _EPS)
-    bce = -(s * torch.log(pp) + (1.0 - s) * torch.log1p(-pp))
     m = mask.to(p.dtype)
     n_pairs = m.sum()
-    return (bce * m).sum() / n_pairs.clamp_min(1.0), n_pairs
+    return _PairBCE.apply(p, s.to(p.dtype), m) / n_pairs.clamp_min(1.0), n_pairs
 
 
 def depict_target(p: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ def combine_similarities(
     -------
     S, mask
         ``mask`` is the union of the masks; ``S`` takes, for each known pair, the value of the
-        highest-priority source that knows it.
+        highest-priority source that knows it. With a single source, its own tensors are
+        returned (no copy).
 
     Notes
     -----
@@ -38,9 +39,7 @@ def combine_similarities(
     """
     if len(sources) == 0:
         raise ValueError("combine_similarities needs at least one (S, mask) pair.")
-    s, mask = sources[0]
-    s = s.clone()
-    mask = mask.clone()
+    s, mask = sources[0]  # not modified in place below: no copy needed
     for s_next, m_next in sources[1:]:
         fill = m_next & ~mask
         s = torch.where(fill, s_next.to(s.dtype), s)

@@ -65,17 +65,28 @@ def knn_similarity(
         Every off-diagonal pair is known.
     """
     n = embedding.shape[0]
-    d = pairwise_distances(embedding, metric)
-    eye = torch.eye(n, dtype=torch.bool, device=embedding.device)
     if distance_threshold is not None:
-        s = (d <= distance_threshold) & ~eye
+        d = pairwise_distances(embedding, metric)
+        s = (d <= distance_threshold).to(embedding.dtype)
+        s = torch.maximum(s, s.T)
     else:
         k = min(n_neighbors, n - 1)
-        s = torch.zeros(n, n, dtype=torch.bool, device=embedding.device)
+        s = torch.zeros(n, n, dtype=embedding.dtype, device=embedding.device)
         if k > 0:
-            d = d.masked_fill(eye, float("inf"))
-            idx = d.topk(k, dim=1, largest=False).indices
-            s.scatter_(1, idx, True)
-    s = s | s.T
-    mask = ~eye
-    return s.to(embedding.dtype), mask
+            if metric == "euclidean":
+                # |x_j|^2 - 2 x_i.x_j ranks the cells of row i as their distance does (the row's
+                # constant |x_i|^2 and the square root are dropped): one matmul, no cdist
+                sq = (embedding * embedding).sum(1)
+                d = torch.addmm(sq[None, :], embedding, embedding.T, alpha=-2.0)
+            else:
+                d = pairwise_distances(embedding, metric)
+            d.fill_diagonal_(float("inf"))
+            idx = d.topk(k, dim=1, largest=False, sorted=False).indices
+            rows = torch.arange(n, device=embedding.device)[:, None].expand_as(idx)
+            # symmetrised by writing both (i, j) and (j, i): no n x n transpose
+            s[rows, idx] = 1.0
+            s[idx, rows] = 1.0
+    s.fill_diagonal_(0.0)
+    mask = torch.ones(n, n, dtype=torch.bool, device=embedding.device)
+    mask.fill_diagonal_(False)
+    return s, mask
