@@ -13,6 +13,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from scmoesim import _constants as K
+from scmoesim._memory import release_freed_memory
 
 
 class GenerateMixin:
@@ -167,7 +168,7 @@ class GenerateMixin:
                     )
                     writer.add(_chunk_to_numpy(out, sl.stop - sl.start, n_var, kind, store_mean))
                     del out
-                    _release_freed_memory()
+                    release_freed_memory()
                     if bar is not None:
                         bar.update(sl.stop - sl.start)
             result = writer.finish()
@@ -288,30 +289,6 @@ class GenerateMixin:
         slot = np.where(np.isnan(quantiles[experts, batches, 0]), quantiles.shape[1] - 1, batches)
         log_lib = quantiles[experts, slot, lo] * (1 - frac) + quantiles[experts, slot, hi] * frac
         return np.exp(log_lib)
-
-
-def _libc_malloc_trim():
-    """The C library's ``malloc_trim`` (glibc; ``None`` elsewhere)."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
-
-
-def _release_freed_memory() -> None:
-    """Give the freed per-chunk buffers back to the OS.
-
-    Chunks allocate and free tens of MB each; glibc keeps such blocks on its heap (its mmap
-    threshold grows after the first frees), and the fragmented heap grew to 3.5 GB over a
-    1M-cell request before this call (measured in ``benchmarks/results_generation.md``).
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _check_count(n) -> int:

@@ -6,8 +6,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from scmoesim._constants import COUNT_LIKELIHOODS
-
-from ._generate import _release_freed_memory
+from scmoesim._memory import release_freed_memory
 
 _CHUNK = 10_000
 
@@ -36,7 +35,7 @@ def _value_blocks(x):
         del block
         # Backed X: without this, the freed blocks fragment the heap and the resident memory
         # grows with the number of cells (+170 MiB over 1M cells of 2,000 genes).
-        _release_freed_memory()
+        release_freed_memory()
 
 
 def where(layer: str | None) -> str:
@@ -167,7 +166,7 @@ def warn_all_zero(adata: AnnData, layer: str | None) -> None:
             nz_cells[start : start + block.shape[0]] = nonzero.any(1)
             nz_genes |= nonzero.any(0)
         del block
-        _release_freed_memory()
+        release_freed_memory()
     for what, keep, names, fix in (
         ("cells", nz_cells, adata.obs_names, "sc.pp.filter_cells(adata, min_counts=1)"),
         ("genes", nz_genes, adata.var_names, "sc.pp.filter_genes(adata, min_cells=1)"),
