@@ -83,6 +83,14 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         kNN similarity in the minibatch when ``embedding_key`` was registered: neighbours per
         cell, metric (``"euclidean"``, ``"correlation"``, ``"canberra"``, ``"cosine"``), or a
         distance threshold instead of k.
+    knn_far_fraction
+        Which non-neighbour pairs of the kNN similarity count as dissimilar. A fraction in
+        (0, 1] (default 0.5): only a pair whose cells are both beyond the other's
+        ``ceil(knn_far_fraction * (n - 1))``-th nearest cell in the minibatch of ``n`` cells;
+        the pairs in between are left out of the similarity loss, so cells of one population
+        that are not each other's nearest neighbours are not pushed apart
+        (:func:`~scmoesim.similarity.knn_band_similarity`). ``None``: every non-neighbour pair
+        is dissimilar (the paper's rule, :func:`~scmoesim.similarity.knn_similarity`).
     centre_decay
         Decay of the running EM estimate of the cluster centres per minibatch.
 
@@ -118,6 +126,7 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         knn_neighbors: int = 10,
         knn_metric: str = "euclidean",
         knn_threshold: float | None = None,
+        knn_far_fraction: float | None = 0.5,
         centre_decay: float = 0.9,
     ):
         super().__init__(adata)
@@ -125,6 +134,12 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             raise ValueError(f"likelihood must be one of {K.LIKELIHOODS}, got {likelihood!r}.")
         if knn_metric not in KNN_METRICS:
             raise ValueError(f"knn_metric must be one of {KNN_METRICS}, got {knn_metric!r}.")
+        if knn_far_fraction is not None and not (
+            isinstance(knn_far_fraction, int | float) and 0.0 < knn_far_fraction <= 1.0
+        ):
+            raise ValueError(
+                f"knn_far_fraction must be None or a number in (0, 1], got {knn_far_fraction!r}."
+            )
         setup = self.adata_manager.registry["setup_args"]
         V.check_likelihood_data(adata, setup["layer"], likelihood)
 
@@ -177,6 +192,7 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             knn_neighbors=knn_neighbors,
             knn_metric=knn_metric,
             knn_threshold=knn_threshold,
+            knn_far_fraction=knn_far_fraction,
             centre_decay=centre_decay,
         )
         self.cluster_names_ = self._default_cluster_names(int(n_experts))

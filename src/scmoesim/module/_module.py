@@ -9,6 +9,7 @@ from scmoesim.nn import MLP, RoutedExperts
 from scmoesim.similarity import (
     SignatureScorer,
     combine_similarities,
+    knn_band_similarity,
     knn_similarity,
     label_similarity,
 )
@@ -59,6 +60,10 @@ class MoESimModule(BaseModuleClass):
         Turns expression into signature codes for the signature similarity.
     use_embedding, knn_neighbors, knn_metric, knn_threshold
         kNN similarity over a registered embedding.
+    knn_far_fraction
+        ``None``: every non-neighbour pair is dissimilar (:func:`knn_similarity`); a fraction:
+        only pairs beyond that rank fraction of the minibatch are dissimilar, the rest unknown
+        (:func:`knn_band_similarity`).
     centre_decay
         Decay of the running (EM) sums that define the cluster centres.
     normalize_input
@@ -92,6 +97,7 @@ class MoESimModule(BaseModuleClass):
         knn_neighbors: int = 10,
         knn_metric: str = "euclidean",
         knn_threshold: float | None = None,
+        knn_far_fraction: float | None = None,
         centre_decay: float = 0.9,
         normalize_input: bool = True,
     ):
@@ -118,6 +124,7 @@ class MoESimModule(BaseModuleClass):
         self.knn_neighbors = knn_neighbors
         self.knn_metric = knn_metric
         self.knn_threshold = knn_threshold
+        self.knn_far_fraction = knn_far_fraction
         self.centre_decay = centre_decay
         self.is_count = likelihood in K.COUNT_LIKELIHOODS
         self.normalize_input = normalize_input
@@ -258,14 +265,18 @@ class MoESimModule(BaseModuleClass):
             codes = self.known_classes(tensors, library)
         sources = [label_similarity(c) for c in codes]
         if self.use_embedding:
-            sources.append(
-                knn_similarity(
-                    tensors[K.EMBEDDING_KEY].float(),
+            emb = tensors[K.EMBEDDING_KEY].float()
+            if self.knn_far_fraction is None:
+                knn = knn_similarity(emb, self.knn_neighbors, self.knn_metric, self.knn_threshold)
+            else:
+                knn = knn_band_similarity(
+                    emb,
                     self.knn_neighbors,
+                    self.knn_far_fraction,
                     self.knn_metric,
                     self.knn_threshold,
                 )
-            )
+            sources.append(knn)
         if not sources:
             return None
         return combine_similarities(sources)

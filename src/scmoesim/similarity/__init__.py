@@ -16,6 +16,8 @@ signatures
 kNN
     :func:`knn_similarity`: ``j`` is among the ``k`` nearest neighbours of ``i`` in an embedding,
     within the minibatch (or closer than a distance threshold); every pair is known.
+    :func:`knn_band_similarity`: the same similar pairs, but only pairs far apart within the
+    minibatch (beyond a rank cut-off, both ways) are dissimilar; the band in between is unknown.
 graph
     :func:`graph_similarity`: a precomputed cell-cell graph (e.g. ``obsp["connectivities"]``
     from :func:`scmoesim.pp.neighbors`) sliced to the minibatch. A building block:
@@ -31,6 +33,7 @@ the pairs that the labels leave unknown.
 from ._combine import combine_similarities
 from ._graph import graph_similarity
 from ._knn import KNN_METRICS, knn_similarity, pairwise_distances
+from ._knn_band import knn_band_similarity
 from ._labels import label_similarity
 from ._signatures import SignatureScorer, signature_gene_stats, validate_signatures
 
@@ -39,6 +42,7 @@ __all__ = [
     "SignatureScorer",
     "combine_similarities",
     "graph_similarity",
+    "knn_band_similarity",
     "knn_similarity",
     "label_similarity",
     "pairwise_distances",
