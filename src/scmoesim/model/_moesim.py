@@ -22,7 +22,7 @@ from scmoesim.train import (
 
 from . import _io
 from . import _validate as V
-from ._fields import PartialLabelsObsField
+from ._fields import GraphNeighborsField, PartialLabelsObsField
 from ._generate import GenerateMixin
 from ._outputs import OutputsMixin
 
@@ -158,10 +158,12 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             )
         use_labels = setup.get("labels_key") is not None
         use_embedding = setup.get("embedding_key") is not None
+        use_graph = setup.get("graph_key") is not None
         scorer = self._build_signature_scorer(adata)
-        if not (use_labels or use_embedding or scorer is not None):
+        if not (use_labels or use_embedding or use_graph or scorer is not None):
             warnings.warn(
-                "No similarity source registered (labels_key, signatures or embedding_key): the "
+                "No similarity source registered (labels_key, signatures, embedding_key or "
+                "graph_key): the "
                 "gate is trained by the DEPICT loss alone. Register embedding_key (e.g. 'X_pca') "
                 "for the paper's unsupervised kNN similarity.",
                 UserWarning,
@@ -189,6 +191,7 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             use_labels=use_labels,
             signature_scorer=scorer,
             use_embedding=use_embedding,
+            use_graph=use_graph,
             knn_neighbors=knn_neighbors,
             knn_metric=knn_metric,
             knn_threshold=knn_threshold,
@@ -214,6 +217,7 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         signatures: Mapping[str, Sequence[str]] | None = None,
         signature_threshold: float = 0.0,
         embedding_key: str | None = None,
+        graph_key: str | None = None,
         **kwargs,
     ) -> None:
         """Register an AnnData for :class:`MoESim` and choose the similarity sources.
@@ -244,17 +248,26 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         embedding_key
             obsm key (e.g. ``"X_pca"``, ``"X_umap"``) for the unsupervised kNN similarity
             within each minibatch.
+        graph_key
+            obsp key of a precomputed cell-cell graph (e.g. ``"connectivities"`` from
+            :func:`scmoesim.pp.neighbors` or ``sc.pp.neighbors``), sliced to each minibatch:
+            linked cells are similar. Unlinked pairs are dissimilar when the graph is the only
+            unsupervised source; with ``embedding_key`` as well, the kNN similarity decides
+            them. Registered as per-cell neighbour lists in
+            ``adata.obsm["_scmoesim_graph"]`` (at most 2**24 cells).
 
         Notes
         -----
         When several sources are given, for every pair of cells the first source that knows
-        the pair decides it, in the order labels > signatures > kNN: known labels override
-        signatures, and the kNN graph fills in the pairs the others leave unknown.
+        the pair decides it, in the order labels > signatures > graph > kNN: known labels
+        override signatures, and the graph and then the kNN similarity fill in the pairs the
+        others leave unknown.
 
         Like every scvi-tools model, registration writes ``adata.obs["_scvi_batch"]``,
         ``adata.obs["_scvi_labels"]`` (label codes, -1 for unlabeled),
-        ``adata.uns["_scvi_uuid"]`` and ``adata.uns["_scvi_manager_uuid"]``; nothing else in
-        ``adata`` is changed. Cells or genes that are 0 everywhere are kept, with a warning.
+        ``adata.uns["_scvi_uuid"]`` and ``adata.uns["_scvi_manager_uuid"]``, and with
+        ``graph_key`` ``adata.obsm["_scmoesim_graph"]``; nothing else in ``adata`` is changed.
+        Cells or genes that are 0 everywhere are kept, with a warning.
         """
         V.check_adata_basics(adata, layer)
         V.warn_all_zero(adata, layer)
@@ -275,6 +288,8 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             fields.append(PartialLabelsObsField(K.LABELS_KEY, labels_key, unlabeled_category))
         if embedding_key is not None:
             fields.append(ObsmField(K.EMBEDDING_KEY, embedding_key))
+        if graph_key is not None:
+            fields.append(GraphNeighborsField(K.GRAPH_KEY, graph_key))
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
@@ -468,6 +483,8 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             names.append(f"{len(setup['signatures'])} signatures")
         if setup.get("embedding_key") is not None:
             names.append(f"kNN on obsm[{setup['embedding_key']!r}]")
+        if setup.get("graph_key") is not None:
+            names.append(f"graph obsp[{setup['graph_key']!r}]")
         return names
 
     def _class_names(self) -> list[str]:

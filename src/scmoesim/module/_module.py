@@ -9,6 +9,7 @@ from scmoesim.nn import MLP, RoutedExperts
 from scmoesim.similarity import (
     SignatureScorer,
     combine_similarities,
+    graph_list_similarity,
     knn_band_similarity,
     knn_similarity,
     label_similarity,
@@ -60,6 +61,9 @@ class MoESimModule(BaseModuleClass):
         Turns expression into signature codes for the signature similarity.
     use_embedding, knn_neighbors, knn_metric, knn_threshold
         kNN similarity over a registered embedding.
+    use_graph
+        Whether minibatches carry rows of a registered neighbour table
+        (:func:`~scmoesim.similarity.neighbor_table`) for the graph similarity.
     knn_far_fraction
         ``None``: every non-neighbour pair is dissimilar (:func:`knn_similarity`); a fraction:
         only pairs beyond that rank fraction of the minibatch are dissimilar, the rest unknown
@@ -94,6 +98,7 @@ class MoESimModule(BaseModuleClass):
         use_labels: bool = False,
         signature_scorer: SignatureScorer | None = None,
         use_embedding: bool = False,
+        use_graph: bool = False,
         knn_neighbors: int = 10,
         knn_metric: str = "euclidean",
         knn_threshold: float | None = None,
@@ -121,6 +126,7 @@ class MoESimModule(BaseModuleClass):
         self.dispersion = dispersion
         self.use_labels = use_labels
         self.use_embedding = use_embedding
+        self.use_graph = use_graph
         self.knn_neighbors = knn_neighbors
         self.knn_metric = knn_metric
         self.knn_threshold = knn_threshold
@@ -260,10 +266,18 @@ class MoESimModule(BaseModuleClass):
         library: torch.Tensor | None = None,
         codes: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Combined ``(S, mask)`` for a minibatch (labels > signatures > kNN), or ``None``."""
+        """Combined ``(S, mask)`` for a minibatch (labels > signatures > graph > kNN), or ``None``.
+
+        The graph knows its edges; its unlinked pairs are dissimilar only without an embedding
+        (with one, the kNN source decides them).
+        """
         if codes is None:
             codes = self.known_classes(tensors, library)
         sources = [label_similarity(c) for c in codes]
+        if self.use_graph:
+            sources.append(
+                graph_list_similarity(tensors[K.GRAPH_KEY], unlinked_known=not self.use_embedding)
+            )
         if self.use_embedding:
             emb = tensors[K.EMBEDDING_KEY].float()
             if self.knn_far_fraction is None:
