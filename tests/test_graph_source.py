@@ -95,7 +95,9 @@ def test_graph_with_embedding_knows_only_edges():
     adata = _adata(60)
     adata.obsm["X_emb"] = adata.X[:, :2].copy()
     scmoesim.MoESim.setup_anndata(adata, graph_key="connectivities", embedding_key="X_emb")
-    model = scmoesim.MoESim(adata, n_experts=3, likelihood="normal", knn_neighbors=1)
+    model = scmoesim.MoESim(
+        adata, n_experts=3, likelihood="normal", knn_neighbors=1, knn_far_fraction=0.5
+    )
     idx = np.arange(20)
     tensors = {
         K.GRAPH_KEY: torch.tensor(adata.obsm["_scmoesim_graph"][idx]),
