@@ -9,6 +9,7 @@ from scmoesim.similarity import (
     SignatureScorer,
     combine_similarities,
     graph_similarity,
+    knn_band_similarity,
     knn_similarity,
     label_similarity,
     pairwise_distances,
@@ -87,6 +88,63 @@ def test_knn_equals_topk_of_the_distances(metric):
     s, m = knn_similarity(x, n_neighbors=7, metric=metric)
     assert torch.equal(s, expected)
     assert torch.equal(m, ~torch.eye(300, dtype=torch.bool))
+
+
+def test_knn_band_hand_made_case():
+    # 1-D points 0, 1, 2, 3 (one group) and 10, 11 (another); k = 1, m = ceil(0.4 * 5) = 2
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0], [11.0]])
+    s, m = knn_band_similarity(x, n_neighbors=1, far_fraction=0.4)
+    near = {(0, 1), (1, 2), (2, 3), (3, 2), (4, 5)}  # first-index ties resolved by topk
+    sym_near = near | {(j, i) for i, j in near}
+    for i in range(6):
+        for j in range(6):
+            assert s[i, j] == float((i, j) in sym_near), (i, j)
+    # 0-2: 2 is 0's 2nd nearest, not beyond it -> unknown; 0-3 is beyond both ways -> dissimilar
+    assert not m[0, 2] and m[0, 3] and s[0, 3] == 0
+    # 3-4: 4 is beyond 3's 2nd nearest (1 away, 1 away), but 3 is 4's 2nd nearest -> unknown
+    assert not m[3, 4]
+    # the two groups are dissimilar far apart
+    assert m[0, 4] and m[1, 5] and s[0, 4] == 0
+    assert not m.diagonal().any()
+    # far_fraction 1: no pair is dissimilar, only the neighbours are known
+    s1, m1 = knn_band_similarity(x, n_neighbors=1, far_fraction=1.0)
+    assert torch.equal(s1, s) and torch.equal(m1, s1.bool())
+
+
+def test_knn_band_threshold_and_errors():
+    x = torch.tensor([[0.0], [0.5], [5.0], [9.0], [9.4]])
+    s, m = knn_band_similarity(x, far_fraction=0.5, distance_threshold=1.0)
+    assert s.nonzero().tolist() == [[0, 1], [1, 0], [3, 4], [4, 3]]
+    assert m[0, 3] and m[0, 4] and not m[0, 2]  # 2 is 0's 2nd nearest: inside the band
+    with pytest.raises(ValueError, match="far_fraction must be in"):
+        knn_band_similarity(x, far_fraction=0.0)
+    s, m = knn_band_similarity(x[:1])
+    assert s.shape == (1, 1) and not m.any()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(2, 40),
+    st.integers(1, 6),
+    st.floats(0.05, 1.0),
+    st.sampled_from(["euclidean", "correlation", "canberra"]),
+    st.integers(0, 10_000),
+)
+def test_knn_band_properties(n, k, frac, metric, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g)
+    s, m = knn_band_similarity(x, n_neighbors=k, far_fraction=frac, metric=metric)
+    plain, _ = knn_similarity(x, n_neighbors=k, metric=metric)
+    assert torch.equal(s, s.T) and torch.equal(m, m.T)
+    assert not m.diagonal().any()
+    assert torch.equal(s, plain)  # the same similar pairs as plain kNN, all of them known
+    assert (m | ~s.bool()).all()
+    # a dissimilar pair lies beyond the cut-off rank for both cells
+    d = pairwise_distances(x, metric) + torch.diag(torch.full((n,), float("inf")))
+    rank = d.argsort(1).argsort(1)  # 0 = nearest other cell
+    cut = max(1, int(np.ceil(frac * (n - 1))))
+    dissim = m & ~s.bool()
+    assert (rank[dissim] >= cut).all() and (rank.T[dissim] >= cut).all()
 
 
 def test_pairwise_distances_match_scipy():

@@ -146,3 +146,46 @@ def test_effective_clusters_and_compact_labels():
         model.effective_n_clusters(min_cells=0)
     model.annotate(adata)
     assert adata.uns["moesim"]["effective_n_clusters"] == m
+
+
+def test_knn_far_fraction_option_selects_builder():
+    from scmoesim import _constants as K
+    from scmoesim.similarity import knn_band_similarity
+
+    x, _ = _mixture(60, 6, 3, seed=3)
+    adata = ad.AnnData(x)
+    adata.obsm["X_emb"] = x[:, :3]
+    scmoesim.MoESim.setup_anndata(adata, embedding_key="X_emb")
+    for bad in (0.0, 1.5, "0.5"):
+        with pytest.raises(ValueError, match="knn_far_fraction must be None or a number"):
+            scmoesim.MoESim(adata, likelihood="normal", knn_far_fraction=bad)
+    emb = torch.tensor(x[:30, :3])
+    tensors = {K.EMBEDDING_KEY: emb}
+    band = scmoesim.MoESim(adata, likelihood="normal", knn_neighbors=3, knn_far_fraction=0.3)
+    s, m = band.module.minibatch_similarity(tensors)
+    s_ref, m_ref = knn_band_similarity(emb, 3, 0.3)
+    assert torch.equal(s, s_ref) and torch.equal(m, m_ref) and not m.all()
+    assert band.init_params_["non_kwargs"]["knn_far_fraction"] == 0.3
+    plain = scmoesim.MoESim(adata, likelihood="normal", knn_neighbors=3, knn_far_fraction=None)
+    s, m = plain.module.minibatch_similarity(tensors)
+    assert torch.equal(s, knn_similarity(emb, 3)[0]) and m.sum() == 30 * 29
+
+
+def test_unsupervised_defaults_resolve_and_are_saved():
+    x, labels = _mixture(60, 6, 3, seed=4)
+    adata = ad.AnnData(x)
+    adata.obsm["X_emb"] = x[:, :3]
+    adata.obs["lab"] = pd.Categorical(labels.astype(str))
+    scmoesim.MoESim.setup_anndata(adata, embedding_key="X_emb")
+    model = scmoesim.MoESim(adata, likelihood="normal")
+    mod = model.module
+    assert (mod.n_experts, mod.clustering_weight, mod.kl_weight) == (20, 4.0, 0.0)
+    assert mod.knn_far_fraction is None
+    saved = model.init_params_["non_kwargs"]
+    assert (saved["n_experts"], saved["clustering_weight"], saved["kl_weight"]) == (20, 4.0, 0.0)
+    # labels (with or without kNN) keep the supervised defaults
+    scmoesim.MoESim.setup_anndata(adata, labels_key="lab", embedding_key="X_emb")
+    mod = scmoesim.MoESim(adata, likelihood="normal").module
+    assert (mod.n_experts, mod.clustering_weight, mod.kl_weight) == (4, 0.8, 2.0)
+    explicit = scmoesim.MoESim(adata, likelihood="normal", clustering_weight=1.5)
+    assert explicit.module.clustering_weight == 1.5

@@ -6,6 +6,7 @@ X_KEY = "X"
 BATCH_KEY = "batch"
 LABELS_KEY = "labels"
 EMBEDDING_KEY = "embedding"
+GRAPH_KEY = "graph"
 
 #: Public AnnData keys written by :meth:`scmoesim.MoESim.annotate` (defaults).
 LATENT_KEY = "X_moesim"

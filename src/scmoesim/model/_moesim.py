@@ -22,11 +22,16 @@ from scmoesim.train import (
 
 from . import _io
 from . import _validate as V
-from ._fields import PartialLabelsObsField
+from ._fields import GraphNeighborsField, PartialLabelsObsField
 from ._generate import GenerateMixin
 from ._outputs import OutputsMixin
 
 logger = logging.getLogger(__name__)
+
+#: Defaults without labels or signatures (kNN / graph similarity only), chosen on the
+#: Levine_32dim benchmark (``benchmarks/RESULTS.md``).
+UNSUPERVISED_N_EXPERTS = 20
+UNSUPERVISED_CLUSTERING_WEIGHT = 4.0
 
 
 class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -42,7 +47,8 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         AnnData registered with :meth:`setup_anndata`.
     n_experts
         Number of experts = maximal number of clusters K. Default: one more than the number of
-        label classes or signatures (room for cells that fit none), or 10 without them.
+        label classes or signatures (room for cells that fit none), or 20 without them (surplus
+        experts stay empty; see :meth:`effective_n_clusters`).
     n_latent
         Dimension of the latent space (paper, Tabula Muris: 20).
     likelihood
@@ -68,7 +74,9 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         F-measure 0.75 -> 0.77 from 0.2 to 1-2), while with kNN alone the same pull merged
         clusters (Levine_32dim Hungarian F1 0.23 at 0.2, 0.73 at 0).
     clustering_weight
-        Weight of the clustering loss (paper: 0.8).
+        Weight of the clustering loss. ``None`` (default) picks the paper's 0.8 when labels or
+        signatures are registered and 4.0 otherwise (kNN or graph similarity only): measured on
+        Levine_32dim, 4.0 raised the Hungarian F1 from 0.73 to 0.82 (``benchmarks/RESULTS.md``).
     depict_weight
         pi_2, DEPICT weight inside the clustering loss. The paper uses 1; the default is 0
         because on both signature benchmarks (``benchmarks/``) the DEPICT target's
@@ -83,6 +91,16 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         kNN similarity in the minibatch when ``embedding_key`` was registered: neighbours per
         cell, metric (``"euclidean"``, ``"correlation"``, ``"canberra"``, ``"cosine"``), or a
         distance threshold instead of k.
+    knn_far_fraction
+        Which non-neighbour pairs of the kNN similarity count as dissimilar. A fraction in
+        (0, 1]: only a pair whose cells are both beyond the other's
+        ``ceil(knn_far_fraction * (n - 1))``-th nearest cell in the minibatch of ``n`` cells;
+        the pairs in between are left out of the similarity loss, so cells of one population
+        that are not each other's nearest neighbours are not pushed apart
+        (:func:`~scmoesim.similarity.knn_band_similarity`). ``None`` (default): every
+        non-neighbour pair is dissimilar (the paper's rule,
+        :func:`~scmoesim.similarity.knn_similarity`); on Levine_32dim every fraction tried
+        merged neighbouring populations (``benchmarks/RESULTS.md``).
     centre_decay
         Decay of the running EM estimate of the cluster centres per minibatch.
 
@@ -112,12 +130,13 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         dispersion: str = "gene",
         kl: K.KLKind = "mixture",
         kl_weight: float | None = None,
-        clustering_weight: float = 0.8,
+        clustering_weight: float | None = None,
         depict_weight: float = 0.0,
         anchor_weight: float = 1.0,
         knn_neighbors: int = 10,
         knn_metric: str = "euclidean",
         knn_threshold: float | None = None,
+        knn_far_fraction: float | None = None,
         centre_decay: float = 0.9,
     ):
         super().__init__(adata)
@@ -125,14 +144,22 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             raise ValueError(f"likelihood must be one of {K.LIKELIHOODS}, got {likelihood!r}.")
         if knn_metric not in KNN_METRICS:
             raise ValueError(f"knn_metric must be one of {KNN_METRICS}, got {knn_metric!r}.")
+        if knn_far_fraction is not None and not (
+            isinstance(knn_far_fraction, int | float) and 0.0 < knn_far_fraction <= 1.0
+        ):
+            raise ValueError(
+                f"knn_far_fraction must be None or a number in (0, 1], got {knn_far_fraction!r}."
+            )
         setup = self.adata_manager.registry["setup_args"]
         V.check_likelihood_data(adata, setup["layer"], likelihood)
 
         class_names = self._class_names()
         if kl_weight is None:
             kl_weight = 2.0 if class_names else 0.0
+        if clustering_weight is None:
+            clustering_weight = 0.8 if class_names else UNSUPERVISED_CLUSTERING_WEIGHT
         if n_experts is None:
-            n_experts = len(class_names) + 1 if class_names else 10
+            n_experts = len(class_names) + 1 if class_names else UNSUPERVISED_N_EXPERTS
         if not isinstance(n_experts, int | np.integer) or n_experts < 1:
             raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}.")
         if n_experts < len(class_names):
@@ -143,10 +170,12 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             )
         use_labels = setup.get("labels_key") is not None
         use_embedding = setup.get("embedding_key") is not None
+        use_graph = setup.get("graph_key") is not None
         scorer = self._build_signature_scorer(adata)
-        if not (use_labels or use_embedding or scorer is not None):
+        if not (use_labels or use_embedding or use_graph or scorer is not None):
             warnings.warn(
-                "No similarity source registered (labels_key, signatures or embedding_key): the "
+                "No similarity source registered (labels_key, signatures, embedding_key or "
+                "graph_key): the "
                 "gate is trained by the DEPICT loss alone. Register embedding_key (e.g. 'X_pca') "
                 "for the paper's unsupervised kNN similarity.",
                 UserWarning,
@@ -174,9 +203,11 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             use_labels=use_labels,
             signature_scorer=scorer,
             use_embedding=use_embedding,
+            use_graph=use_graph,
             knn_neighbors=knn_neighbors,
             knn_metric=knn_metric,
             knn_threshold=knn_threshold,
+            knn_far_fraction=knn_far_fraction,
             centre_decay=centre_decay,
         )
         self.cluster_names_ = self._default_cluster_names(int(n_experts))
@@ -198,6 +229,7 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         signatures: Mapping[str, Sequence[str]] | None = None,
         signature_threshold: float = 0.0,
         embedding_key: str | None = None,
+        graph_key: str | None = None,
         **kwargs,
     ) -> None:
         """Register an AnnData for :class:`MoESim` and choose the similarity sources.
@@ -228,17 +260,26 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         embedding_key
             obsm key (e.g. ``"X_pca"``, ``"X_umap"``) for the unsupervised kNN similarity
             within each minibatch.
+        graph_key
+            obsp key of a precomputed cell-cell graph (e.g. ``"connectivities"`` from
+            :func:`scmoesim.pp.neighbors` or ``sc.pp.neighbors``), sliced to each minibatch:
+            linked cells are similar. Unlinked pairs are dissimilar when the graph is the only
+            unsupervised source; with ``embedding_key`` as well, the kNN similarity decides
+            them. Registered as per-cell neighbour lists in
+            ``adata.obsm["_scmoesim_graph"]`` (at most 2**24 cells).
 
         Notes
         -----
         When several sources are given, for every pair of cells the first source that knows
-        the pair decides it, in the order labels > signatures > kNN: known labels override
-        signatures, and the kNN graph fills in the pairs the others leave unknown.
+        the pair decides it, in the order labels > signatures > graph > kNN: known labels
+        override signatures, and the graph and then the kNN similarity fill in the pairs the
+        others leave unknown.
 
         Like every scvi-tools model, registration writes ``adata.obs["_scvi_batch"]``,
         ``adata.obs["_scvi_labels"]`` (label codes, -1 for unlabeled),
-        ``adata.uns["_scvi_uuid"]`` and ``adata.uns["_scvi_manager_uuid"]``; nothing else in
-        ``adata`` is changed. Cells or genes that are 0 everywhere are kept, with a warning.
+        ``adata.uns["_scvi_uuid"]`` and ``adata.uns["_scvi_manager_uuid"]``, and with
+        ``graph_key`` ``adata.obsm["_scmoesim_graph"]``; nothing else in ``adata`` is changed.
+        Cells or genes that are 0 everywhere are kept, with a warning.
         """
         V.check_adata_basics(adata, layer)
         V.warn_all_zero(adata, layer)
@@ -259,6 +300,8 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             fields.append(PartialLabelsObsField(K.LABELS_KEY, labels_key, unlabeled_category))
         if embedding_key is not None:
             fields.append(ObsmField(K.EMBEDDING_KEY, embedding_key))
+        if graph_key is not None:
+            fields.append(GraphNeighborsField(K.GRAPH_KEY, graph_key))
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
@@ -452,6 +495,8 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             names.append(f"{len(setup['signatures'])} signatures")
         if setup.get("embedding_key") is not None:
             names.append(f"kNN on obsm[{setup['embedding_key']!r}]")
+        if setup.get("graph_key") is not None:
+            names.append(f"graph obsp[{setup['graph_key']!r}]")
         return names
 
     def _class_names(self) -> list[str]:

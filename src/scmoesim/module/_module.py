@@ -9,6 +9,8 @@ from scmoesim.nn import MLP, RoutedExperts
 from scmoesim.similarity import (
     SignatureScorer,
     combine_similarities,
+    graph_list_similarity,
+    knn_band_similarity,
     knn_similarity,
     label_similarity,
 )
@@ -59,6 +61,13 @@ class MoESimModule(BaseModuleClass):
         Turns expression into signature codes for the signature similarity.
     use_embedding, knn_neighbors, knn_metric, knn_threshold
         kNN similarity over a registered embedding.
+    use_graph
+        Whether minibatches carry rows of a registered neighbour table
+        (:func:`~scmoesim.similarity.neighbor_table`) for the graph similarity.
+    knn_far_fraction
+        ``None``: every non-neighbour pair is dissimilar (:func:`knn_similarity`); a fraction:
+        only pairs beyond that rank fraction of the minibatch are dissimilar, the rest unknown
+        (:func:`knn_band_similarity`).
     centre_decay
         Decay of the running (EM) sums that define the cluster centres.
     normalize_input
@@ -89,9 +98,11 @@ class MoESimModule(BaseModuleClass):
         use_labels: bool = False,
         signature_scorer: SignatureScorer | None = None,
         use_embedding: bool = False,
+        use_graph: bool = False,
         knn_neighbors: int = 10,
         knn_metric: str = "euclidean",
         knn_threshold: float | None = None,
+        knn_far_fraction: float | None = None,
         centre_decay: float = 0.9,
         normalize_input: bool = True,
     ):
@@ -115,9 +126,11 @@ class MoESimModule(BaseModuleClass):
         self.dispersion = dispersion
         self.use_labels = use_labels
         self.use_embedding = use_embedding
+        self.use_graph = use_graph
         self.knn_neighbors = knn_neighbors
         self.knn_metric = knn_metric
         self.knn_threshold = knn_threshold
+        self.knn_far_fraction = knn_far_fraction
         self.centre_decay = centre_decay
         self.is_count = likelihood in K.COUNT_LIKELIHOODS
         self.normalize_input = normalize_input
@@ -253,19 +266,31 @@ class MoESimModule(BaseModuleClass):
         library: torch.Tensor | None = None,
         codes: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Combined ``(S, mask)`` for a minibatch (labels > signatures > kNN), or ``None``."""
+        """Combined ``(S, mask)`` for a minibatch (labels > signatures > graph > kNN), or ``None``.
+
+        The graph knows its edges; its unlinked pairs are dissimilar only without an embedding
+        (with one, the kNN source decides them).
+        """
         if codes is None:
             codes = self.known_classes(tensors, library)
         sources = [label_similarity(c) for c in codes]
-        if self.use_embedding:
+        if self.use_graph:
             sources.append(
-                knn_similarity(
-                    tensors[K.EMBEDDING_KEY].float(),
+                graph_list_similarity(tensors[K.GRAPH_KEY], unlinked_known=not self.use_embedding)
+            )
+        if self.use_embedding:
+            emb = tensors[K.EMBEDDING_KEY].float()
+            if self.knn_far_fraction is None:
+                knn = knn_similarity(emb, self.knn_neighbors, self.knn_metric, self.knn_threshold)
+            else:
+                knn = knn_band_similarity(
+                    emb,
                     self.knn_neighbors,
+                    self.knn_far_fraction,
                     self.knn_metric,
                     self.knn_threshold,
                 )
-            )
+            sources.append(knn)
         if not sources:
             return None
         return combine_similarities(sources)

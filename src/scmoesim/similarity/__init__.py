@@ -16,11 +16,15 @@ signatures
 kNN
     :func:`knn_similarity`: ``j`` is among the ``k`` nearest neighbours of ``i`` in an embedding,
     within the minibatch (or closer than a distance threshold); every pair is known.
+    :func:`knn_band_similarity`: the same similar pairs, but only pairs far apart within the
+    minibatch (beyond a rank cut-off, both ways) are dissimilar; the band in between is unknown.
 graph
     :func:`graph_similarity`: a precomputed cell-cell graph (e.g. ``obsp["connectivities"]``
-    from :func:`scmoesim.pp.neighbors`) sliced to the minibatch. A building block:
-    :meth:`~scmoesim.MoESim.setup_anndata` does not register an ``obsp`` graph yet; use
-    ``embedding_key`` (kNN within the minibatch) for the unsupervised similarity.
+    from :func:`scmoesim.pp.neighbors`) sliced to the minibatch, given as a matrix.
+    :meth:`~scmoesim.MoESim.setup_anndata` (``graph_key``) registers the graph as per-cell
+    neighbour lists (:func:`neighbor_table`), and the module slices it to each minibatch with
+    :func:`graph_list_similarity`: linked cells are similar; unlinked pairs are dissimilar,
+    unless an embedding is registered too, in which case the kNN source decides them.
 
 Several sources are combined by :func:`combine_similarities`: sources are ranked and, for each
 pair, the highest-ranked source that knows the pair decides it (labels > signatures > graph >
@@ -30,17 +34,23 @@ the pairs that the labels leave unknown.
 
 from ._combine import combine_similarities
 from ._graph import graph_similarity
+from ._graph_lists import MAX_GRAPH_CELLS, graph_list_similarity, neighbor_table
 from ._knn import KNN_METRICS, knn_similarity, pairwise_distances
+from ._knn_band import knn_band_similarity
 from ._labels import label_similarity
 from ._signatures import SignatureScorer, signature_gene_stats, validate_signatures
 
 __all__ = [
     "KNN_METRICS",
+    "MAX_GRAPH_CELLS",
     "SignatureScorer",
     "combine_similarities",
+    "graph_list_similarity",
     "graph_similarity",
+    "knn_band_similarity",
     "knn_similarity",
     "label_similarity",
+    "neighbor_table",
     "pairwise_distances",
     "signature_gene_stats",
     "validate_signatures",

@@ -22,9 +22,10 @@ def combine_similarities(
 
     Notes
     -----
-    :class:`~scmoesim.MoESim` passes its sources in the order labels > signatures > kNN (the
-    kNN source knows every pair). So a pair of labelled cells is similar exactly when the
-    labels agree, whatever the neighbourhood says; pairs with an unlabelled cell (or a cell
+    :class:`~scmoesim.MoESim` passes its sources in the order labels > signatures > graph >
+    kNN (the kNN source knows every pair unless ``knn_far_fraction`` is set). So a pair of
+    labelled cells is similar exactly when the labels agree, whatever the neighbourhood says;
+    pairs with an unlabelled cell (or a cell
     that carries no single signature) take the kNN value. Combining labels with kNN therefore
     never lets the graph join two known classes, and gives the unlabelled cells a similarity.
 
