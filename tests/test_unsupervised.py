@@ -171,6 +171,32 @@ def test_knn_far_fraction_option_selects_builder():
     assert torch.equal(s, knn_similarity(emb, 3)[0]) and m.sum() == 30 * 29
 
 
+def test_knn_rule_option_selects_builder():
+    from scmoesim import _constants as K
+    from scmoesim.similarity import knn_components_similarity
+
+    x, _ = _mixture(60, 6, 3, seed=5)
+    adata = ad.AnnData(x)
+    adata.obsm["X_emb"] = x[:, :3]
+    scmoesim.MoESim.setup_anndata(adata, embedding_key="X_emb")
+    with pytest.raises(ValueError, match="knn_rule must be one of"):
+        scmoesim.MoESim(adata, likelihood="normal", knn_rule="islands")
+    with pytest.raises(ValueError, match="apply to knn_rule='knn' only"):
+        scmoesim.MoESim(adata, likelihood="normal", knn_rule="components", knn_far_fraction=0.5)
+    emb = torch.tensor(x[:40, :3])
+    tensors = {K.EMBEDDING_KEY: emb}
+    for rule, mutual in (("components", False), ("mutual_components", True)):
+        model = scmoesim.MoESim(adata, likelihood="normal", knn_neighbors=2, knn_rule=rule)
+        s, m = model.module.minibatch_similarity(tensors)
+        ref = knn_components_similarity(emb, 2, mutual=mutual, min_component_size=1 + mutual)
+        assert torch.equal(s, ref[0]) and torch.equal(m, ref[1])
+        assert model.init_params_["non_kwargs"]["knn_rule"] == rule
+    # components hold every kNN pair and more
+    comp, knn = knn_components_similarity(emb, 2)[0], knn_similarity(emb, 2)[0]
+    assert (comp >= knn).all() and comp.sum() > knn.sum()
+    assert scmoesim.MoESim(adata, likelihood="normal").module.knn_rule == "knn"
+
+
 def test_unsupervised_defaults_resolve_and_are_saved():
     x, labels = _mixture(60, 6, 3, seed=4)
     adata = ad.AnnData(x)

@@ -19,3 +19,5 @@ Likelihood = Literal["nb", "zinb", "poisson", "normal", "bernoulli"]
 COUNT_LIKELIHOODS = ("nb", "zinb", "poisson")
 LIKELIHOODS = ("nb", "zinb", "poisson", "normal", "bernoulli")
 KLKind = Literal["mixture", "paper"]
+KnnRule = Literal["knn", "components", "mutual_components"]
+KNN_RULES = ("knn", "components", "mutual_components")

@@ -101,6 +101,20 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         non-neighbour pair is dissimilar (the paper's rule,
         :func:`~scmoesim.similarity.knn_similarity`); on Levine_32dim every fraction tried
         merged neighbouring populations (``benchmarks/RESULTS.md``).
+    knn_rule
+        How the kNN graph of a minibatch becomes ``S``. ``"knn"`` (default, the paper's rule):
+        a pair is similar when one cell is among the other's ``knn_neighbors`` nearest, every
+        other pair is dissimilar, so clusters hold roughly ``2 * knn_neighbors`` cells per
+        minibatch whatever the data. ``"components"``: cells in one connected component of the
+        minibatch's kNN graph are similar, cells of different components dissimilar, so only
+        the islands of the embedding decide the cluster size
+        (:func:`~scmoesim.similarity.knn_components_similarity`). ``"mutual_components"``: the
+        same on the mutual kNN graph (both cells among each other's neighbours), with pairs
+        involving an isolated cell left unknown. ``knn_far_fraction`` and ``knn_threshold``
+        apply to ``"knn"`` only. Measured (``benchmarks/RESULTS.md``): the components merged
+        touching populations (Levine_32dim Hungarian F1 0.17 vs 0.84, MNIST one cluster);
+        on Gaussian mixtures with separate islands, ``"mutual_components"`` found exactly
+        5 / 10 / 15 clusters where ``"knn"`` found 14 / 12 / 19.
     centre_decay
         Decay of the running EM estimate of the cluster centres per minibatch.
 
@@ -137,6 +151,7 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         knn_metric: str = "euclidean",
         knn_threshold: float | None = None,
         knn_far_fraction: float | None = None,
+        knn_rule: K.KnnRule = "knn",
         centre_decay: float = 0.9,
     ):
         super().__init__(adata)
@@ -149,6 +164,13 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         ):
             raise ValueError(
                 f"knn_far_fraction must be None or a number in (0, 1], got {knn_far_fraction!r}."
+            )
+        if knn_rule not in K.KNN_RULES:
+            raise ValueError(f"knn_rule must be one of {K.KNN_RULES}, got {knn_rule!r}.")
+        if knn_rule != "knn" and (knn_far_fraction is not None or knn_threshold is not None):
+            raise ValueError(
+                "knn_far_fraction and knn_threshold apply to knn_rule='knn' only, "
+                f"got knn_rule={knn_rule!r}."
             )
         setup = self.adata_manager.registry["setup_args"]
         V.check_likelihood_data(adata, setup["layer"], likelihood)
@@ -208,6 +230,7 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             knn_metric=knn_metric,
             knn_threshold=knn_threshold,
             knn_far_fraction=knn_far_fraction,
+            knn_rule=knn_rule,
             centre_decay=centre_decay,
         )
         self.cluster_names_ = self._default_cluster_names(int(n_experts))

@@ -11,6 +11,7 @@ from scmoesim.similarity import (
     combine_similarities,
     graph_list_similarity,
     knn_band_similarity,
+    knn_components_similarity,
     knn_similarity,
     label_similarity,
 )
@@ -68,6 +69,11 @@ class MoESimModule(BaseModuleClass):
         ``None``: every non-neighbour pair is dissimilar (:func:`knn_similarity`); a fraction:
         only pairs beyond that rank fraction of the minibatch are dissimilar, the rest unknown
         (:func:`knn_band_similarity`).
+    knn_rule
+        ``"knn"``: the pairwise kNN rule above; ``"components"`` / ``"mutual_components"``:
+        cells in one connected component of the minibatch's (mutual) kNN graph are similar,
+        the rest dissimilar (:func:`knn_components_similarity`; with the mutual graph, pairs
+        with an isolated cell are unknown).
     centre_decay
         Decay of the running (EM) sums that define the cluster centres.
     normalize_input
@@ -103,6 +109,7 @@ class MoESimModule(BaseModuleClass):
         knn_metric: str = "euclidean",
         knn_threshold: float | None = None,
         knn_far_fraction: float | None = None,
+        knn_rule: str = "knn",
         centre_decay: float = 0.9,
         normalize_input: bool = True,
     ):
@@ -131,6 +138,7 @@ class MoESimModule(BaseModuleClass):
         self.knn_metric = knn_metric
         self.knn_threshold = knn_threshold
         self.knn_far_fraction = knn_far_fraction
+        self.knn_rule = knn_rule
         self.centre_decay = centre_decay
         self.is_count = likelihood in K.COUNT_LIKELIHOODS
         self.normalize_input = normalize_input
@@ -280,7 +288,16 @@ class MoESimModule(BaseModuleClass):
             )
         if self.use_embedding:
             emb = tensors[K.EMBEDDING_KEY].float()
-            if self.knn_far_fraction is None:
+            if self.knn_rule in ("components", "mutual_components"):
+                mutual = self.knn_rule == "mutual_components"
+                knn = knn_components_similarity(
+                    emb,
+                    self.knn_neighbors,
+                    self.knn_metric,
+                    mutual=mutual,
+                    min_component_size=2 if mutual else 1,
+                )
+            elif self.knn_far_fraction is None:
                 knn = knn_similarity(emb, self.knn_neighbors, self.knn_metric, self.knn_threshold)
             else:
                 knn = knn_band_similarity(

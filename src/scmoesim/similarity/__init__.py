@@ -18,6 +18,9 @@ kNN
     within the minibatch (or closer than a distance threshold); every pair is known.
     :func:`knn_band_similarity`: the same similar pairs, but only pairs far apart within the
     minibatch (beyond a rank cut-off, both ways) are dissimilar; the band in between is unknown.
+    :func:`knn_components_similarity`: cells in one connected component of the minibatch's
+    (mutual) kNN graph are similar, cells of different components dissimilar
+    (:func:`connected_component_labels` finds the components without host synchronisation).
 graph
     :func:`graph_similarity`: a precomputed cell-cell graph (e.g. ``obsp["connectivities"]``
     from :func:`scmoesim.pp.neighbors`) sliced to the minibatch, given as a matrix.
@@ -37,6 +40,7 @@ from ._graph import graph_similarity
 from ._graph_lists import MAX_GRAPH_CELLS, graph_list_similarity, neighbor_table
 from ._knn import KNN_METRICS, knn_similarity, pairwise_distances
 from ._knn_band import knn_band_similarity
+from ._knn_components import connected_component_labels, knn_components_similarity
 from ._labels import label_similarity
 from ._signatures import SignatureScorer, signature_gene_stats, validate_signatures
 
@@ -45,9 +49,11 @@ __all__ = [
     "MAX_GRAPH_CELLS",
     "SignatureScorer",
     "combine_similarities",
+    "connected_component_labels",
     "graph_list_similarity",
     "graph_similarity",
     "knn_band_similarity",
+    "knn_components_similarity",
     "knn_similarity",
     "label_similarity",
     "neighbor_table",
