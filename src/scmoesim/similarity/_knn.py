@@ -39,6 +39,22 @@ def pairwise_distances(
     raise ValueError(f"metric must be one of {KNN_METRICS}, got {metric!r}.")
 
 
+def nearest_neighbors(embedding: torch.Tensor, k: int, metric: str = "euclidean") -> torch.Tensor:
+    """Indices of the ``k`` nearest other cells of every row (unsorted), ``(n, k)``.
+
+    For the euclidean metric the rows are ranked by ``|x_j|^2 - 2 x_i.x_j``, which orders the
+    cells of row ``i`` as their distance does (the row's constant ``|x_i|^2`` and the square
+    root are dropped): one matmul, no ``cdist``. ``k`` must be in ``[1, n - 1]``.
+    """
+    if metric == "euclidean":
+        sq = (embedding * embedding).sum(1)
+        d = torch.addmm(sq[None, :], embedding, embedding.T, alpha=-2.0)
+    else:
+        d = pairwise_distances(embedding, metric)
+    d.fill_diagonal_(float("inf"))
+    return d.topk(k, dim=1, largest=False, sorted=False).indices
+
+
 def knn_similarity(
     embedding: torch.Tensor,
     n_neighbors: int = 10,
@@ -73,15 +89,7 @@ def knn_similarity(
         k = min(n_neighbors, n - 1)
         s = torch.zeros(n, n, dtype=embedding.dtype, device=embedding.device)
         if k > 0:
-            if metric == "euclidean":
-                # |x_j|^2 - 2 x_i.x_j ranks the cells of row i as their distance does (the row's
-                # constant |x_i|^2 and the square root are dropped): one matmul, no cdist
-                sq = (embedding * embedding).sum(1)
-                d = torch.addmm(sq[None, :], embedding, embedding.T, alpha=-2.0)
-            else:
-                d = pairwise_distances(embedding, metric)
-            d.fill_diagonal_(float("inf"))
-            idx = d.topk(k, dim=1, largest=False, sorted=False).indices
+            idx = nearest_neighbors(embedding, k, metric)
             rows = torch.arange(n, device=embedding.device)[:, None].expand_as(idx)
             # symmetrised by writing both (i, j) and (j, i): no n x n transpose
             s[rows, idx] = 1.0

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from ._knn import pairwise_distances
+from ._knn import nearest_neighbors
 
 
 def n_component_rounds(n: int) -> int:
@@ -38,13 +38,7 @@ def knn_edges(
     if k < 1:
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         return empty, empty, empty.bool()
-    if metric == "euclidean":
-        sq = (embedding * embedding).sum(1)
-        d = torch.addmm(sq[None, :], embedding, embedding.T, alpha=-2.0)
-    else:
-        d = pairwise_distances(embedding, metric)
-    d.fill_diagonal_(float("inf"))
-    idx = d.topk(k, dim=1, largest=False, sorted=False).indices
+    idx = nearest_neighbors(embedding, k, metric)
     src = torch.arange(n, device=dev)[:, None].expand_as(idx).reshape(-1)
     dst = idx.reshape(-1)
     if mutual:
