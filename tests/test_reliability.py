@@ -207,6 +207,61 @@ INIT_ERRORS = {
     "float-experts": (None, {"layer": "counts"}, {"n_experts": 2.5}, "positive integer, got 2.5"),
     "likelihood-typo": (None, {"layer": "counts"}, {"likelihood": "negbin"}, "likelihood must"),
     "metric-typo": (None, {"layer": "counts"}, {"knn_metric": "manhattan"}, "knn_metric must"),
+    "negative-kl-weight": (
+        None,
+        {"layer": "counts"},
+        {"kl_weight": -1},
+        r"kl_weight must be a finite number >= 0, got -1",
+    ),
+    "nan-anchor-weight": (
+        None,
+        {"layer": "counts"},
+        {"anchor_weight": float("nan")},
+        "anchor_weight must be a finite",
+    ),
+    "negative-clustering-weight": (
+        None,
+        {"layer": "counts"},
+        {"clustering_weight": -0.5},
+        "clustering_weight must",
+    ),
+    "string-depict-weight": (
+        None,
+        {"layer": "counts"},
+        {"depict_weight": "1"},
+        "depict_weight must",
+    ),
+    "zero-latent": (
+        None,
+        {"layer": "counts"},
+        {"n_latent": 0},
+        r"n_latent must be a positive integer, got 0",
+    ),
+    "float-hidden": (
+        None,
+        {"layer": "counts"},
+        {"n_hidden": 64.0},
+        "n_hidden must be a positive integer",
+    ),
+    "dropout-one": (
+        None,
+        {"layer": "counts"},
+        {"gate_dropout": 1.0},
+        r"gate_dropout must be a number in \[0, 1\)",
+    ),
+    "decay-above-one": (None, {"layer": "counts"}, {"centre_decay": 1.5}, "centre_decay must"),
+    "zero-neighbours": (
+        None,
+        {"layer": "counts"},
+        {"knn_neighbors": 0},
+        "knn_neighbors must be a positive",
+    ),
+    "negative-threshold": (
+        None,
+        {"layer": "counts"},
+        {"knn_threshold": -1.0},
+        "knn_threshold must be None or a number > 0",
+    ),
 }
 
 

@@ -182,6 +182,24 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             clustering_weight = 0.8 if class_names else UNSUPERVISED_CLUSTERING_WEIGHT
         if n_experts is None:
             n_experts = len(class_names) + 1 if class_names else UNSUPERVISED_N_EXPERTS
+        V.check_model_params(
+            sizes={
+                "n_latent": n_latent,
+                "n_hidden": n_hidden,
+                "n_layers": n_layers,
+                "n_hidden_gate": n_hidden_gate,
+                "n_layers_gate": n_layers_gate,
+            },
+            weights={
+                "kl_weight": kl_weight,
+                "clustering_weight": clustering_weight,
+                "depict_weight": depict_weight,
+                "anchor_weight": anchor_weight,
+            },
+            fractions={"gate_dropout": gate_dropout, "centre_decay": centre_decay},
+            knn_neighbors=knn_neighbors,
+            knn_threshold=knn_threshold,
+        )
         if not isinstance(n_experts, int | np.integer) or n_experts < 1:
             raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}.")
         if n_experts < len(class_names):

@@ -192,3 +192,37 @@ def check_enough_cells(n_obs: int, train_size: float | None) -> None:
             f"Training needs at least 3 cells in the training split; got {n_obs} cell(s) "
             f"with train_size={train_size}."
         )
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+
+
+def check_model_params(
+    *,
+    sizes: dict[str, object],
+    weights: dict[str, object],
+    fractions: dict[str, object],
+    knn_neighbors: object,
+    knn_threshold: object,
+) -> None:
+    """Numeric model settings, checked before anything is built; each error names the setting.
+
+    ``sizes``: positive integers (layer widths, latent size, layer counts); ``weights``: finite
+    numbers >= 0 (loss weights); ``fractions``: numbers in [0, 1) (dropout, centre decay).
+    """
+    for name, value in sizes.items():
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    for name, value in weights.items():
+        if not _is_number(value) or not np.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    for name, value in fractions.items():
+        if not _is_number(value) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
+    if not isinstance(knn_neighbors, int | np.integer) or knn_neighbors < 1:
+        raise ValueError(f"knn_neighbors must be a positive integer, got {knn_neighbors!r}.")
+    if knn_threshold is not None and (
+        not _is_number(knn_threshold) or not np.isfinite(knn_threshold) or knn_threshold <= 0
+    ):
+        raise ValueError(f"knn_threshold must be None or a number > 0, got {knn_threshold!r}.")
