@@ -382,6 +382,26 @@ def test_no_similarity_source_warns(adata):
         MoESim(adata)
 
 
+@pytest.mark.parametrize(
+    ("n_dims", "metric", "warns"),
+    [
+        (2, "correlation", True),
+        (3, "correlation", False),
+        (1, "cosine", True),
+        (2, "cosine", False),
+        (2, "euclidean", False),
+    ],
+)
+def test_degenerate_knn_metric_warns(adata, n_dims, metric, warns):
+    adata.obsm["emb"] = np.random.default_rng(0).normal(size=(adata.n_obs, n_dims))
+    MoESim.setup_anndata(adata, layer="counts", embedding_key="emb")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MoESim(adata, knn_metric=metric)
+    hits = [w for w in caught if "only distances 0 or 2" in str(w.message)]
+    assert bool(hits) == warns
+
+
 # ---------------------------------------------------------------- labels that need care
 def test_unused_categories_nan_and_unknown_labels(adata):
     lab = adata.obs["ct"].astype(str).to_numpy(dtype=object)

@@ -211,6 +211,8 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
         use_labels = setup.get("labels_key") is not None
         use_embedding = setup.get("embedding_key") is not None
         use_graph = setup.get("graph_key") is not None
+        if use_embedding:
+            V.warn_degenerate_metric(adata.obsm[setup["embedding_key"]].shape[1], knn_metric)
         scorer = self._build_signature_scorer(adata)
         if not (use_labels or use_embedding or use_graph or scorer is not None):
             warnings.warn(

@@ -226,3 +226,22 @@ def check_model_params(
         not _is_number(knn_threshold) or not np.isfinite(knn_threshold) or knn_threshold <= 0
     ):
         raise ValueError(f"knn_threshold must be None or a number > 0, got {knn_threshold!r}.")
+
+
+def warn_degenerate_metric(n_dims: int, metric: str) -> None:
+    """Correlation (and cosine) distances carry almost no information on 1-2-D embeddings.
+
+    After centring, a 2-D point is a multiple of ``(1, -1)``, so its correlation with any other
+    point is +-1: every distance is 0 or 2 and the nearest neighbours are ties. The same holds
+    for cosine on a 1-D embedding.
+    """
+    if (metric == "correlation" and n_dims <= 2) or (metric == "cosine" and n_dims <= 1):
+        import warnings
+
+        warnings.warn(
+            f"knn_metric={metric!r} on a {n_dims}-dimensional embedding gives only distances "
+            "0 or 2, so the nearest neighbours are arbitrary ties; use 'euclidean' or "
+            "'canberra', or an embedding with more dimensions.",
+            UserWarning,
+            stacklevel=3,
+        )
