@@ -3,7 +3,6 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 from anndata import AnnData
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
@@ -184,11 +183,13 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
             n_experts = len(class_names) + 1 if class_names else UNSUPERVISED_N_EXPERTS
         V.check_model_params(
             sizes={
+                "n_experts": n_experts,
                 "n_latent": n_latent,
                 "n_hidden": n_hidden,
                 "n_layers": n_layers,
                 "n_hidden_gate": n_hidden_gate,
                 "n_layers_gate": n_layers_gate,
+                "knn_neighbors": knn_neighbors,
             },
             weights={
                 "kl_weight": kl_weight,
@@ -197,11 +198,8 @@ class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelCl
                 "anchor_weight": anchor_weight,
             },
             fractions={"gate_dropout": gate_dropout, "centre_decay": centre_decay},
-            knn_neighbors=knn_neighbors,
             knn_threshold=knn_threshold,
         )
-        if not isinstance(n_experts, int | np.integer) or n_experts < 1:
-            raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}.")
         if n_experts < len(class_names):
             source = "signatures" if setup.get("signatures") else "label classes"
             raise ValueError(

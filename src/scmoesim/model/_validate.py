@@ -24,18 +24,24 @@ def get_matrix(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
+def _row_blocks(x):
+    """Yield ``(start, rows start:start + _CHUNK)`` of ``x`` (in memory, dense or backed)."""
+    for start in range(0, x.shape[0], _CHUNK):
+        block = x[start : start + _CHUNK]
+        yield start, block
+        del block
+        # Backed X: without this, the freed blocks fragment the heap and the resident memory
+        # grows with the number of cells (+170 MiB over 1M cells of 2,000 genes).
+        release_freed_memory()
+
+
 def _value_blocks(x):
     """Yield the stored values of ``x`` block by block (sparse: non-zeros only)."""
     if sparse.issparse(x):
         yield np.asarray(x.data)
         return
-    for start in range(0, x.shape[0], _CHUNK):
-        block = x[start : start + _CHUNK]
+    for _, block in _row_blocks(x):
         yield np.asarray(block.data if sparse.issparse(block) else block)
-        del block
-        # Backed X: without this, the freed blocks fragment the heap and the resident memory
-        # grows with the number of cells (+170 MiB over 1M cells of 2,000 genes).
-        release_freed_memory()
 
 
 def where(layer: str | None) -> str:
@@ -154,8 +160,7 @@ def warn_all_zero(adata: AnnData, layer: str | None) -> None:
     x = get_matrix(adata, layer)
     nz_cells = np.zeros(adata.n_obs, dtype=bool)
     nz_genes = np.zeros(adata.n_vars, dtype=bool)
-    for start in range(0, x.shape[0], _CHUNK):
-        block = x[start : start + _CHUNK]
+    for start, block in _row_blocks(x):
         if sparse.issparse(block):
             block = sparse.csr_matrix(block)
             block.eliminate_zeros()
@@ -165,8 +170,6 @@ def warn_all_zero(adata: AnnData, layer: str | None) -> None:
             nonzero = np.asarray(block) != 0
             nz_cells[start : start + block.shape[0]] = nonzero.any(1)
             nz_genes |= nonzero.any(0)
-        del block
-        release_freed_memory()
     for what, keep, names, fix in (
         ("cells", nz_cells, adata.obs_names, "sc.pp.filter_cells(adata, min_counts=1)"),
         ("genes", nz_genes, adata.var_names, "sc.pp.filter_genes(adata, min_cells=1)"),
@@ -203,13 +206,13 @@ def check_model_params(
     sizes: dict[str, object],
     weights: dict[str, object],
     fractions: dict[str, object],
-    knn_neighbors: object,
     knn_threshold: object,
 ) -> None:
     """Numeric model settings, checked before anything is built; each error names the setting.
 
-    ``sizes``: positive integers (layer widths, latent size, layer counts); ``weights``: finite
-    numbers >= 0 (loss weights); ``fractions``: numbers in [0, 1) (dropout, centre decay).
+    ``sizes``: positive integers (experts, layer widths, latent size, layer counts, neighbours);
+    ``weights``: finite numbers >= 0 (loss weights); ``fractions``: numbers in [0, 1) (dropout,
+    centre decay).
     """
     for name, value in sizes.items():
         if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
@@ -220,8 +223,6 @@ def check_model_params(
     for name, value in fractions.items():
         if not _is_number(value) or not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
-    if not isinstance(knn_neighbors, int | np.integer) or knn_neighbors < 1:
-        raise ValueError(f"knn_neighbors must be a positive integer, got {knn_neighbors!r}.")
     if knn_threshold is not None and (
         not _is_number(knn_threshold) or not np.isfinite(knn_threshold) or knn_threshold <= 0
     ):
