@@ -70,7 +70,7 @@ def run_one(n_components: int, seed: int, args) -> dict:
     pred = np.asarray(model.predict()).astype(str)
     truth = adata.obs["component"].astype(str).to_numpy()
     usage = model.expert_usage().to_numpy()
-    return {
+    raw = {
         "true K": n_components,
         "seed": seed,
         "cells": adata.n_obs,
@@ -79,6 +79,15 @@ def run_one(n_components: int, seed: int, args) -> dict:
         "ARI": metrics.ari(truth, pred),
         "NMI": metrics.nmi(truth, pred),
         "largest clusters": ", ".join(str(u) for u in sorted(usage[usage > 0], reverse=True)),
+    }
+    # the same model after merge_clusters (greedy modularity on the kNN graph of its embedding)
+    model.merge_clusters(resolution=args.merge_resolution)
+    merged = np.asarray(model.predict()).astype(str)
+    return {
+        **raw,
+        "merged K": model.effective_n_clusters(),
+        "merged ARI": metrics.ari(truth, merged),
+        "merged NMI": metrics.nmi(truth, merged),
         "seconds": round(time.time() - t0),
     }
 
@@ -110,6 +119,9 @@ def main() -> None:
     parser.add_argument("--embedding", choices=["umap", "data"], default="umap")
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--model-kwargs", default="{}", help="extra MoESim kwargs as JSON")
+    parser.add_argument(
+        "--merge-resolution", type=float, default=1.0, help="resolution of merge_clusters"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     args.model_kwargs = json.loads(args.model_kwargs)

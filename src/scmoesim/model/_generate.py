@@ -213,10 +213,27 @@ class GenerateMixin:
         clusters: Sequence[str] | None,
         proportions: str | Mapping[str, float] = "training",
     ) -> np.ndarray:
-        names = list(self.cluster_names_)
+        per_cluster, experts, usage = self._cells_per_cluster(n_cells, clusters, proportions)
+        per_expert = np.zeros(len(experts), dtype=np.int64)
+        for name, n in per_cluster.items():
+            members = np.flatnonzero(experts == name)
+            # merged clusters (merge_clusters): split over their experts by training cells
+            weights = usage[members] if usage[members].sum() > 0 else np.ones(len(members))
+            per_expert[members] = _largest_remainder(n, weights)
+        return per_expert
+
+    def _cells_per_cluster(
+        self,
+        n_cells: int | Mapping[str, int],
+        clusters: Sequence[str] | None,
+        proportions: str | Mapping[str, float],
+    ) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+        """Cells per cluster name; also each expert's cluster name and training cells."""
+        experts = np.asarray(self.cluster_names_, dtype=object)
+        names = list(dict.fromkeys(experts))
         index = {n: k for k, n in enumerate(names)}
-        per_expert = np.zeros(len(names), dtype=np.int64)
-        usage = np.asarray(getattr(self, "expert_usage_", np.ones(len(names))), dtype=float)
+        usage = np.asarray(getattr(self, "expert_usage_", np.ones(len(experts))), dtype=float)
+        cluster_usage = np.array([usage[experts == n].sum() for n in names])
         given = isinstance(proportions, Mapping)
         if not given and proportions not in ("training", "uniform"):
             raise ValueError(
@@ -230,34 +247,32 @@ class GenerateMixin:
                     "clusters or proportions with it."
                 )
             _check_cluster_names(n_cells.keys(), index)
-            for name, n in n_cells.items():
-                per_expert[index[str(name)]] = _check_count(n)
-            return per_expert
+            counts = {str(name): _check_count(n) for name, n in n_cells.items()}
+            return counts, experts, usage
         total = _check_count(n_cells)
         if given:
             if clusters is not None:
                 raise ValueError("Give either clusters or proportions as {cluster: weight}.")
             _check_cluster_names(proportions.keys(), index)
-            chosen = [index[str(c)] for c in proportions]
+            chosen = [str(c) for c in proportions]
             weights = np.array([_check_weight(w) for w in proportions.values()], dtype=float)
             if len(weights) == 0 or weights.sum() <= 0:
                 raise ValueError("proportions must contain at least one positive weight.")
-            per_expert[chosen] = _largest_remainder(total, weights)
-            return per_expert
-        if clusters is None:
-            chosen = [k for k in range(len(names)) if usage[k] > 0]
         else:
-            if isinstance(clusters, str):
-                clusters = [clusters]
-            _check_cluster_names(clusters, index)
-            chosen = list(dict.fromkeys(index[str(c)] for c in clusters))
-            if not chosen:
-                raise ValueError("clusters is empty; give at least one cluster name.")
-        weights = usage[chosen]
-        if proportions == "uniform" or weights.sum() <= 0:
-            weights = np.ones(len(chosen))
-        per_expert[chosen] = _largest_remainder(total, weights)
-        return per_expert
+            if clusters is None:
+                chosen = [n for n in names if cluster_usage[index[n]] > 0]
+            else:
+                if isinstance(clusters, str):
+                    clusters = [clusters]
+                _check_cluster_names(clusters, index)
+                chosen = list(dict.fromkeys(str(c) for c in clusters))
+                if not chosen:
+                    raise ValueError("clusters is empty; give at least one cluster name.")
+            weights = cluster_usage[[index[c] for c in chosen]]
+            if proportions == "uniform" or weights.sum() <= 0:
+                weights = np.ones(len(chosen))
+        counts = _largest_remainder(total, weights)
+        return dict(zip(chosen, counts.tolist(), strict=True)), experts, usage
 
     def _draw_batches(self, experts: np.ndarray, batch, rng) -> np.ndarray:
         counts = np.asarray(self.expert_batch_counts_, dtype=float)

@@ -23,6 +23,7 @@ from . import _io
 from . import _validate as V
 from ._fields import GraphNeighborsField, PartialLabelsObsField
 from ._generate import GenerateMixin
+from ._merge import MergeMixin
 from ._outputs import OutputsMixin
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ UNSUPERVISED_N_EXPERTS = 20
 UNSUPERVISED_CLUSTERING_WEIGHT = 4.0
 
 
-class MoESim(OutputsMixin, GenerateMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Mixture-of-Experts Similarity VAE (MoE-Sim-VAE) for single-cell data.
 
     One model gives a latent space shaped by a similarity of your choice, a clustering of the

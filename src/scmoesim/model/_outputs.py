@@ -137,13 +137,17 @@ class OutputsMixin:
         -------
         A :class:`pandas.Categorical` of cluster names (categories: the clusters that hold
         cells, named ones first), safe to assign to ``adata.obs``; or, with ``soft=True``, a
-        DataFrame indexed by ``obs_names`` with one column per expert.
+        DataFrame indexed by ``obs_names`` with one column per cluster (the probabilities of
+        experts merged by :meth:`merge_clusters` summed).
         """
         out = self._pass(adata, indices, batch_size)
         names = np.asarray(self.cluster_names_, dtype=object)
         if soft:
             obs_names = self._obs_names(adata, indices)
-            return pd.DataFrame(out["p"], index=obs_names, columns=list(names))
+            proba = pd.DataFrame(out["p"], index=obs_names, columns=list(names))
+            if len(set(names)) < len(names):  # merged clusters: sum their experts' columns
+                proba = proba.T.groupby(level=0, sort=False).sum().T
+            return proba
         order = [c for c in self._category_order() if c in set(names[out["expert"]])]
         return pd.Categorical(names[out["expert"]], categories=order)
 
@@ -152,7 +156,8 @@ class OutputsMixin:
 
         Returns
         -------
-        Series of cell counts indexed by cluster name, in expert order.
+        Series of cell counts indexed by cluster name, in expert order (one entry per expert:
+        experts merged by :meth:`merge_clusters` repeat their cluster's name).
         """
         if adata is None and getattr(self, "expert_usage_", None) is not None:
             counts = np.asarray(self.expert_usage_)
@@ -167,7 +172,8 @@ class OutputsMixin:
         their names never appear in :meth:`predict`, whose categories are the clusters that do.
         Unnamed clusters are numbered ``0, 1, ...`` by decreasing size on the training data, so
         the effective clusters of the training data are exactly ``"0"`` to ``"m - 1"`` (after
-        any clusters named after labels or signatures).
+        any clusters named after labels or signatures). Experts merged by
+        :meth:`merge_clusters` count as one cluster.
 
         Parameters
         ----------
@@ -179,11 +185,11 @@ class OutputsMixin:
 
         Returns
         -------
-        The number of experts with at least ``min_cells`` cells.
+        The number of clusters with at least ``min_cells`` cells.
         """
         if not isinstance(min_cells, int | np.integer) or min_cells < 1:
             raise ValueError(f"min_cells must be a positive integer, got {min_cells!r}.")
-        return int((self.expert_usage(adata).to_numpy() >= min_cells).sum())
+        return _n_clusters(self.expert_usage(adata), min_cells)
 
     def annotate(
         self,
@@ -224,7 +230,7 @@ class OutputsMixin:
         target.uns[uns_key] = {
             "cluster_names": [str(n) for n in names],
             "expert_usage": usage.astype(np.int64),
-            "effective_n_clusters": int((usage > 0).sum()),
+            "effective_n_clusters": _n_clusters(pd.Series(usage, index=list(names)), 1),
             "params": {k: v for k, v in self.init_params_["non_kwargs"].items() if v is not None},
         }
 
@@ -239,8 +245,9 @@ class OutputsMixin:
     def _category_order(self) -> list[str]:
         """Named clusters in class order, then numbered ones by number."""
         classes = self._class_names()
-        named = [c for c in classes if c in self.cluster_names_]
-        rest = [c for c in self.cluster_names_ if c not in set(classes)]
+        names = list(dict.fromkeys(self.cluster_names_))  # merged experts share a name
+        named = [c for c in classes if c in names]
+        rest = [c for c in names if c not in set(classes)]
         rest.sort(key=lambda c: (0, int(c)) if str(c).isdigit() else (1, str(c)))
         return named + rest
 
@@ -276,10 +283,16 @@ class OutputsMixin:
             start = stop
         self.expert_usage_ = usage
         self.cluster_names_ = _names_from_mass(mass, classes, usage)
+        self.expert_names_ = list(self.cluster_names_)  # before any merge_clusters
         self.expert_batch_counts_ = _batch_counts(out, n_exp, n_batch)
         self.library_quantiles_ = (
             _library_quantiles(out, n_exp, n_batch) if "library" in out else None
         )
+
+
+def _n_clusters(usage: pd.Series, min_cells: int) -> int:
+    """Clusters (distinct names of the per-expert ``usage``) with at least ``min_cells`` cells."""
+    return int((usage.groupby(level=0, sort=False).sum() >= min_cells).sum())
 
 
 def _add_class_mass(mass: np.ndarray, proba: np.ndarray, reference: np.ndarray) -> None:
