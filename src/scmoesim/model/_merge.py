@@ -125,7 +125,7 @@ class MergeMixin:
         Examples
         --------
         >>> model.train()
-        >>> model.merge_clusters()  # doctest: +SKIP
+        >>> model.merge_clusters()
         >>> adata.obs["cluster"] = model.predict()
         """
         if resolution is not None and (
