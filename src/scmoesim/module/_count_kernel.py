@@ -206,6 +206,10 @@ def sample_rows(mu, theta, theta_rows, zi_logits, pi32, kind, key, values, cols,
     Poisson). For ``ZINB``, ``pi32`` is the float32 sigmoid of ``zi_logits`` (both
     ``(rows, genes)``): entries with ``u < pi32 * (1 - _SCREEN)`` are zero, the others get the
     float64 value from the logit.
+
+    Each row runs two passes: a branch-free one draws the uniform of every entry (in column
+    order) and lists the entries that the cheap tests leave open; the second settles those
+    (the extra draws of the rejection samplers continue the row's stream).
     """
     n, g = mu.shape
     recip = _RECIP
@@ -214,33 +218,40 @@ def sample_rows(mu, theta, theta_rows, zi_logits, pi32, kind, key, values, cols,
         _seed(s, key, i)
         s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
         ti = theta_rows[i]
-        base = i * g
-        nz = 0
+        us = np.empty(g, np.float64)
+        open_ = np.empty(g, np.int32)
+        n_open = 0
         for j in range(g):
             u, s0, s1, s2, s3 = _step(s0, s1, s2, s3)
             m = float(mu[i, j])
-            if m <= 0.0:
-                continue
             if kind == ZINB:
-                q = float(pi32[i, j])
-                if u < q * (1.0 - _SCREEN):
-                    continue
+                low = float(pi32[i, j]) * (1.0 - _SCREEN)
+            else:
+                th = 1.0 if kind == POISSON else float(theta[ti, j])
+                low = _p0_lower(kind, m, th)
+            us[j] = u
+            open_[n_open] = j
+            n_open += (u >= low) & (m > 0.0)
+        s[0], s[1], s[2], s[3] = s0, s1, s2, s3
+        base = i * g
+        nz = 0
+        for c in range(n_open):
+            j = open_[c]
+            u = us[j]
+            m = float(mu[i, j])
+            th = 1.0 if kind == POISSON else float(theta[ti, j])
+            if kind == ZINB:
                 e = math.exp(-float(zi_logits[i, j]))
                 pi = 1.0 / (1.0 + e)
                 if u < pi:
                     continue
                 u = (u - pi) / (1.0 / (1.0 + 1.0 / e))  # (u - pi) / (1 - pi), also for e = inf
-            if u < 1.0 - m:  # P(0) >= 1 - mu: zero without computing anything else
-                continue
-            th = 1.0 if kind == POISSON else float(theta[ti, j])
-            if u < _p0_lower(kind, m, th):
-                continue
+                if u < _p0_lower(kind, m, th):
+                    continue
             p0 = _p0(kind, m, th)
             if u < p0:
                 continue
-            s[0], s[1], s[2], s[3] = s0, s1, s2, s3
             x = _positive(s, kind, m, th, u, p0, recip)
-            s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
             values[base + nz] = int(min(x, _INT32_MAX))
             cols[base + nz] = j
             nz += 1
