@@ -25,7 +25,7 @@ import numpy as np
 
 POISSON, NB, ZINB = 0, 1, 2
 #: Continue the inversion when E[x | x > 0] is below this (else Gamma-Poisson rejection).
-_INVERT_MEAN = 48.0
+_INVERT_MEAN = 96.0
 #: Relative margin around the float32 zero-inflation probability inside which it is recomputed.
 _SCREEN = 1e-4
 _INT32_MAX = 2**31 - 1
@@ -164,33 +164,58 @@ def _p0(kind, m, th):
     """P(x = 0), float64."""
     if kind == POISSON:
         return math.exp(-m)
-    return math.exp(-th * math.log1p(m / th))
+    x = m / th
+    # log(1 + x) is as accurate as log1p(x) (to a few ulp) from x = 1/4 on, and cheaper
+    return math.exp(-th * (math.log(1.0 + x) if x > 0.25 else math.log1p(x)))
+
+
+@numba.njit(inline="always", cache=True)
+def _factor(kind, k, th, ratio, recip):
+    """P(k + 1) / P(k): ``ratio / (k + 1)`` (Poisson) or ``(k + th) / (k + 1) * ratio`` (NB)."""
+    r = recip[k] if k < _N_RECIP else 1.0 / (k + 1)
+    return ratio * r if kind == POISSON else (k + th) * r * ratio
+
+
+@numba.njit(cache=True)
+def _invert(kind, m, th, u, p0, recip):
+    """``min{k > 0 : F(k) > u}`` by the pmf recursion from ``F(0) = p0``, four steps at a time.
+
+    Returns the same ``k`` as a step-by-step search: the first ``k`` with ``u < F(k)``, or where
+    rounding has stalled the sum in the tail (``F(k) == F(k - 1)``, only for ``u`` ~ 1).
+    """
+    pmf = p0
+    cdf = p0
+    ratio = m if kind == POISSON else m / (m + th)
+    k = 0
+    while True:
+        p1 = pmf * _factor(kind, k, th, ratio, recip)
+        p2 = p1 * _factor(kind, k + 1, th, ratio, recip)
+        p3 = p2 * _factor(kind, k + 2, th, ratio, recip)
+        p4 = p3 * _factor(kind, k + 3, th, ratio, recip)
+        c1 = cdf + p1
+        c2 = c1 + p2
+        c3 = c2 + p3
+        c4 = c3 + p4
+        # F is non-decreasing, and a stall (an addend below rounding) only happens in the
+        # decreasing tail, where it persists: one test decides whether the block ends it
+        if u < c4 or c4 == c3:
+            if u < c1 or c1 == cdf:
+                return float(k + 1)
+            if u < c2 or c2 == c1:
+                return float(k + 2)
+            if u < c3 or c3 == c2:
+                return float(k + 3)
+            return float(k + 4)
+        pmf = p4
+        cdf = c4
+        k += 4
 
 
 @numba.njit(cache=True)
 def _positive(s, kind, m, th, u, p0, recip):
     """One draw of x | x > 0 (``u``: the entry's uniform, known to be >= ``p0`` = P(0))."""
     if p0 >= 0.5 or m < _INVERT_MEAN * (1.0 - p0):
-        # continue the inverse transform from F(0) = p0 (exact)
-        pmf = p0
-        cdf = p0
-        ratio = m if kind == POISSON else m / (m + th)
-        k = 0
-        while True:
-            if k < _N_RECIP:
-                if kind == POISSON:
-                    pmf *= ratio * recip[k]
-                else:
-                    pmf *= (k + th) * recip[k] * ratio
-            elif kind == POISSON:
-                pmf *= ratio / (k + 1)
-            else:
-                pmf *= (k + th) / (k + 1) * ratio
-            k += 1
-            new = cdf + pmf
-            if u < new or new == cdf:  # new == cdf: rounding has stalled the tail at u ~ 1
-                return float(k)
-            cdf = new
+        return _invert(kind, m, th, u, p0, recip)  # continue the inverse transform (exact)
     while True:
         lam = m if kind == POISSON else _gamma(s, th) * (m / th)
         x = _poisson(s, lam, recip)
