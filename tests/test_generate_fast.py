@@ -68,6 +68,14 @@ def test_p0_lower_bound_is_below_p0():
     assert K._p0_lower(K.NB, 0.5, 0.45) > 0.66
 
 
+def test_sigmoid_lower_bound_is_below_sigmoid():
+    logits = np.concatenate([np.linspace(-40, 40, 2001), [-800.0, 800.0, 0.0]])
+    lower = np.array([K._sigmoid_lower(x) for x in logits])
+    assert (lower <= special.expit(logits)).all()
+    # tight enough to settle most inflated zeros: within 0.01 of pi at pi = 0.9
+    assert K._sigmoid_lower(np.log(9.0)) > 0.89
+
+
 def _draws(likelihood, mu, theta=None, logit=None, n=60_000, seed=0):
     mu_t = torch.full((n, 1), float(mu))
     th_t = torch.full((1, 1), float(theta)) if theta is not None else None

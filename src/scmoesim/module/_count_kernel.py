@@ -4,12 +4,13 @@ Each row (cell) has its own random stream (xoshiro256+ seeded by splitmix64 from
 and the row number), so rows can be sampled in parallel and the result does not depend on the
 number of threads. Every entry uses the inverse transform for ``x = 0`` with one uniform ``u``:
 
-1. zero inflation (ZINB): ``u < pi`` is a structural zero; ``pi`` comes in as a vectorised
-   float32 sigmoid, which settles ``u`` clearly below it; the others get the float64 ``pi``
-   from the logit, and ``u`` is rescaled onto the NB's CDF with it;
-2. ``u`` below a cheap lower bound of ``P(x = 0)`` (no transcendental functions: ``1 / (1 + mu)``
-   for an NB with ``theta <= 1``, else the alternating series of ``exp(-mu)``) is zero;
-3. otherwise ``P(x = 0)`` is computed in float64 and ``u < P(x = 0)`` gives zero.
+1. ``u`` below a cheap lower bound of ``P(x = 0) = pi + (1 - pi) P_NB(0)`` is zero: the bounds
+   use no transcendental functions (``1 / (1 + mu)`` for an NB with ``theta <= 1``, else the
+   alternating series of ``exp(-mu)``; for ``pi = sigmoid(logit)`` a Taylor polynomial of
+   ``exp``), so this branch-free test settles most entries for the price of a uniform;
+2. zero inflation (ZINB): ``u < pi`` (float64) is a structural zero; otherwise ``u`` is
+   rescaled onto the NB's CDF;
+3. ``P(x = 0)`` is computed in float64 and ``u < P(x = 0)`` gives zero.
 
 Non-zero entries are drawn from the distribution conditioned on ``x > 0``: by continuing the
 same inverse transform where that is short (``P(x = 0) >= 1/2`` or ``E[x | x > 0]`` small; a
@@ -26,8 +27,6 @@ import numpy as np
 POISSON, NB, ZINB = 0, 1, 2
 #: Continue the inversion when E[x | x > 0] is below this (else Gamma-Poisson rejection).
 _INVERT_MEAN = 96.0
-#: Relative margin around the float32 zero-inflation probability inside which it is recomputed.
-_SCREEN = 1e-4
 _INT32_MAX = 2**31 - 1
 _U64 = numba.uint64
 _UNIT = 1.0 / 9007199254740992.0
@@ -160,6 +159,21 @@ def _p0_lower(kind, m, th):
 
 
 @numba.njit(inline="always", cache=True)
+def _sigmoid_lower(logit):
+    """A lower bound of ``sigmoid(logit)`` without transcendental functions (1e-12 slack).
+
+    ``sigmoid(l) = t / (1 + t)`` with ``t = exp(l)`` grows with ``t``; below ``exp(l)`` lie its
+    Taylor polynomial for ``l >= 0`` and the series of ``exp(-|l|)`` cut after a negative term.
+    """
+    a = abs(logit)
+    if logit >= 0.0:
+        t = 1.0 + a * (1.0 + a * (0.5 + a * (1.0 / 6.0 + a * (1.0 / 24.0))))
+    else:
+        t = max(0.0, 1.0 - a * (1.0 - a * (0.5 - a * (1.0 / 6.0))))
+    return t / (1.0 + t) - 1e-12
+
+
+@numba.njit(inline="always", cache=True)
 def _p0(kind, m, th):
     """P(x = 0), float64."""
     if kind == POISSON:
@@ -224,13 +238,11 @@ def _positive(s, kind, m, th, u, p0, recip):
 
 
 @numba.njit(parallel=True, cache=True)
-def sample_rows(mu, theta, theta_rows, zi_logits, pi32, kind, key, values, cols, row_nnz):
+def sample_rows(mu, theta, theta_rows, zi_logits, kind, key, values, cols, row_nnz):
     """Sample every entry of ``mu`` (rows x genes), writing row ``i``'s non-zeros at ``i * genes``.
 
     ``theta`` is ``(R, genes)``; row ``i`` uses ``theta[theta_rows[i]]`` (ignored for the
-    Poisson). For ``ZINB``, ``pi32`` is the float32 sigmoid of ``zi_logits`` (both
-    ``(rows, genes)``): entries with ``u < pi32 * (1 - _SCREEN)`` are zero, the others get the
-    float64 value from the logit.
+    Poisson). ``zi_logits`` (``ZINB`` only) is ``(rows, genes)``.
 
     Each row runs two passes: a branch-free one draws the uniform of every entry (in column
     order) and lists the entries that the cheap tests leave open; the second settles those
@@ -249,11 +261,11 @@ def sample_rows(mu, theta, theta_rows, zi_logits, pi32, kind, key, values, cols,
         for j in range(g):
             u, s0, s1, s2, s3 = _step(s0, s1, s2, s3)
             m = float(mu[i, j])
+            th = 1.0 if kind == POISSON else float(theta[ti, j])
+            low = _p0_lower(kind, m, th)
             if kind == ZINB:
-                low = float(pi32[i, j]) * (1.0 - _SCREEN)
-            else:
-                th = 1.0 if kind == POISSON else float(theta[ti, j])
-                low = _p0_lower(kind, m, th)
+                pi_low = _sigmoid_lower(float(zi_logits[i, j]))
+                low = pi_low + (1.0 - pi_low) * low
             us[j] = u
             open_[n_open] = j
             n_open += (u >= low) & (m > 0.0)

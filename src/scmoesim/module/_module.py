@@ -388,6 +388,7 @@ class MoESimModule(BaseModuleClass):
         batch_index: torch.Tensor | None = None,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        with_mean: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Generate cells: ``z ~ N(mu_k, temperature^2 I)`` decoded by expert ``k``.
 
@@ -403,6 +404,9 @@ class MoESimModule(BaseModuleClass):
             Scale of the latent noise.
         generator
             Random generator on the module's device (``None``: the global one).
+        with_mean
+            Return ``"mean"`` (``False`` saves its computation for ``zinb``, where it is not
+            the decoder's mean itself; ``"mean"`` is then ``None``).
 
         Returns
         -------
@@ -427,7 +431,9 @@ class MoESimModule(BaseModuleClass):
             indptr, cols, values = sample_sparse_counts(
                 self.likelihood, mu, theta, zi_logits, generator, theta_index=theta_index
             )
-            mean = mu * torch.sigmoid(-zi_logits) if zi_logits is not None else mu
+            mean = mu
+            if zi_logits is not None:
+                mean = mu * torch.sigmoid(-zi_logits) if with_mean else None
             return {"mean": mean, "indptr": indptr, "cols": cols, "values": values}
         dispersion = self.dispersion_for(expert)
         loc = heads["loc"]

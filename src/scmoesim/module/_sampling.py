@@ -136,17 +136,14 @@ def _sample_numba(kernel, likelihood, mu, theta, theta_index, zi_logits, generat
             rows = theta_index.detach().cpu().numpy()
         elif th_np.shape[0] == n and n > 1:
             rows = np.arange(n, dtype=np.int64)
-    zl_np = pi_np = dummy
+    zl_np = dummy
     if likelihood == "zinb":
-        zl = zi_logits.detach().cpu().float().contiguous()
-        zl_np, pi_np = zl.numpy(), torch.sigmoid(zl).numpy()
+        zl_np = zi_logits.detach().cpu().float().contiguous().numpy()
     key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
     values = np.empty(n * g, np.int32)
     cols = np.empty(n * g, np.int32)
     row_nnz = np.empty(n, np.int64)
-    kernel.sample_rows(
-        mu.numpy(), th_np, rows, zl_np, pi_np, kind[likelihood], key, values, cols, row_nnz
-    )
+    kernel.sample_rows(mu.numpy(), th_np, rows, zl_np, kind[likelihood], key, values, cols, row_nnz)
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(row_nnz, out=indptr[1:])
     out_values = np.empty(indptr[-1], np.int32)
