@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -163,7 +164,10 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"Expert indices must be below {self.n_experts}.")
         h_all = z if order is None else z[order]
         c_all = onehot if order is None or onehot is None else onehot[order]
-        out = {name: z.new_empty(n, self.head_weights[name].shape[2]) for name in self.head_names}
+        out = {
+            name: _empty_like_rows(z, n, self.head_weights[name].shape[2])
+            for name in self.head_names
+        }
         start = 0
         for k, n_k in enumerate(counts):
             if n_k == 0:
@@ -187,6 +191,20 @@ class RoutedExperts(nn.Module):
                 else:
                     out[name].index_copy_(0, order[rows], torch.addmm(b, h, w))
         return out
+
+
+def _empty_like_rows(z: torch.Tensor, n: int, size: int) -> torch.Tensor:
+    """An uninitialised ``(n, size)`` tensor like ``z``; on the CPU backed by numpy memory.
+
+    numpy asks the kernel for transparent huge pages on large blocks (``madvise``), torch's CPU
+    allocator does not; first touching a fresh ``(2048, 2000)`` float32 output then costs about
+    1 ms instead of about 10 ms of page faults, a tenth of the decoder's time.
+    """
+    if z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(
+            np.empty((n, size), dtype=np.float32 if z.dtype == torch.float32 else np.float64)
+        )
+    return z.new_empty(n, size)
 
 
 def _stacked_weight(n_experts: int, n_in: int, n_out: int) -> nn.Parameter:
