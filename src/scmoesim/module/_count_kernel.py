@@ -141,7 +141,8 @@ def _poisson(s, lam, recip):
         if k < 0.0 or (us < 0.013 and v > us):
             continue
         invalpha = 1.1239 + 1.1328 / (b - 3.4)
-        if math.log(v) + math.log(invalpha) - math.log(a / (us * us) + b) <= (
+        # log(v) + log(invalpha) - log(a / us^2 + b), as one logarithm
+        if math.log(v * invalpha / (a / (us * us) + b)) <= (
             -lam + k * math.log(lam) - math.lgamma(k + 1.0)
         ):
             return k
