@@ -191,7 +191,7 @@ def _factor(kind, k, th, ratio, recip):
     return ratio * r if kind == POISSON else (k + th) * r * ratio
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always", cache=True)
 def _invert(kind, m, th, u, p0, recip):
     """``min{k > 0 : F(k) > u}`` by the pmf recursion from ``F(0) = p0``, four steps at a time.
 
@@ -226,7 +226,7 @@ def _invert(kind, m, th, u, p0, recip):
         k += 4
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always", cache=True)
 def _positive(s, kind, m, th, u, p0, recip):
     """One draw of x | x > 0 (``u``: the entry's uniform, known to be >= ``p0`` = P(0))."""
     if p0 >= 0.5 or m < _INVERT_MEAN * (1.0 - p0):
