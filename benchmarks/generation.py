@@ -297,7 +297,7 @@ def throughput(model, n_cells: int, threads: int, seed: int) -> dict:
 def profile_chunk(model, n: int, seed: int, repeats: int = 3) -> dict:
     """CPU seconds per 1,000 cells of each step of generation (one thread, chunk of ``n``)."""
     from scmoesim.model._generate import _chunk_to_numpy, _join_csr
-    from scmoesim.module._sampling import sample_sparse_counts
+    from scmoesim.module._sampling import sample_sparse_counts, scaled_softmax_
 
     set_threads(1)
     module = model.module
@@ -316,14 +316,15 @@ def profile_chunk(model, n: int, seed: int, repeats: int = 3) -> dict:
         times["cluster + library draws"] += time.process_time() - c
         c = time.process_time()
         z = module.centres[k] + torch.randn(n, module.n_latent, generator=gen)
-        heads = module.experts(z, k, None)
+        heads = module.experts.decode(z, k, None)  # as in sample_from_experts
         times["decoder"] += time.process_time() - c
         c = time.process_time()
-        mu = torch.as_tensor(lib, dtype=torch.float32)[:, None] * torch.softmax(heads["scale"], -1)
+        mu = scaled_softmax_(heads["scale"], torch.as_tensor(lib, dtype=torch.float32)[:, None])
         times["softmax"] += time.process_time() - c
         c = time.process_time()
+        theta, theta_index = module.dispersion_table(k)
         ip, cols, vals = sample_sparse_counts(
-            module.likelihood, mu, module.dispersion_for(k), heads.get("dropout"), gen
+            module.likelihood, mu, theta, heads.get("dropout"), gen, theta_index=theta_index
         )
         times["count sampler"] += time.process_time() - c
         c = time.process_time()

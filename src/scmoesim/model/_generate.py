@@ -165,6 +165,7 @@ class GenerateMixin:
                         torch.as_tensor(batches[sl], device=device)[:, None],
                         float(temperature),
                         generator=generator,
+                        with_mean=store_mean,
                     )
                     writer.add(_chunk_to_numpy(out, sl.stop - sl.start, n_var, kind, store_mean))
                     del out

@@ -18,7 +18,7 @@ from scmoesim.similarity import (
 
 from ._likelihoods import expert_heads, make_distribution, reconstruction_nll
 from ._losses import anchor_loss, depict_loss, kl_mixture, kl_paper, similarity_bce
-from ._sampling import sample_sparse_counts
+from ._sampling import sample_sparse_counts, scaled_softmax_
 
 
 class MoESimModule(BaseModuleClass):
@@ -192,6 +192,18 @@ class MoESimModule(BaseModuleClass):
             else (self.log_dispersion)
         )
         return torch.exp(rows)
+
+    def dispersion_table(
+        self, expert: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """NB inverse dispersion as a table and each cell's row in it (no per-cell copy).
+
+        ``(exp(log_dispersion), expert)`` for ``dispersion="gene-expert"``, else
+        ``(dispersion_for(expert), None)``.
+        """
+        if hasattr(self, "log_dispersion") and self.dispersion == "gene-expert":
+            return torch.exp(self.log_dispersion), expert
+        return self.dispersion_for(expert), None
 
     # ------------------------------------------------------------------ forward
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
@@ -376,6 +388,7 @@ class MoESimModule(BaseModuleClass):
         batch_index: torch.Tensor | None = None,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        with_mean: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Generate cells: ``z ~ N(mu_k, temperature^2 I)`` decoded by expert ``k``.
 
@@ -391,6 +404,9 @@ class MoESimModule(BaseModuleClass):
             Scale of the latent noise.
         generator
             Random generator on the module's device (``None``: the global one).
+        with_mean
+            Return ``"mean"`` (``False`` saves its computation for ``zinb``, where it is not
+            the decoder's mean itself; ``"mean"`` is then ``None``).
 
         Returns
         -------
@@ -405,18 +421,21 @@ class MoESimModule(BaseModuleClass):
             expert.shape[0], self.n_latent, device=expert.device, generator=generator
         )
         z = self.centres[expert] + temperature * noise
-        heads = self.experts(z, expert, batch_index if self.experts.n_cat > 0 else None)
-        dispersion = self.dispersion_for(expert)
+        heads = self.experts.decode(z, expert, batch_index if self.experts.n_cat > 0 else None)
         if self.is_count:
             if library is None:
                 raise ValueError("Count likelihoods need library sizes to generate counts.")
-            mu = library * torch.softmax(heads["scale"], dim=-1)
+            mu = scaled_softmax_(heads["scale"], library)
             zi_logits = heads.get("dropout")
+            theta, theta_index = self.dispersion_table(expert)
             indptr, cols, values = sample_sparse_counts(
-                self.likelihood, mu, dispersion, zi_logits, generator
+                self.likelihood, mu, theta, zi_logits, generator, theta_index=theta_index
             )
-            mean = mu * torch.sigmoid(-zi_logits) if zi_logits is not None else mu
+            mean = mu
+            if zi_logits is not None:
+                mean = mu * torch.sigmoid(-zi_logits) if with_mean else None
             return {"mean": mean, "indptr": indptr, "cols": cols, "values": values}
+        dispersion = self.dispersion_for(expert)
         loc = heads["loc"]
         if self.likelihood == "bernoulli":
             mean = torch.sigmoid(loc)

@@ -45,6 +45,7 @@ def sample_sparse_counts(
     zi_logits: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    theta_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw a count matrix and return it as CSR parts.
 
@@ -55,7 +56,8 @@ def sample_sparse_counts(
     mu
         ``(n, genes)`` means of the Poisson / negative binomial (before zero inflation).
     theta
-        NB inverse dispersion, ``(1 or n, genes)`` (``"nb"``, ``"zinb"``).
+        NB inverse dispersion, ``(1 or n, genes)`` (``"nb"``, ``"zinb"``); with
+        ``theta_index``, any number of rows ``(R, genes)``.
     zi_logits
         ``(n, genes)`` logits of the zero-inflation probability (``"zinb"``).
     generator
@@ -63,6 +65,9 @@ def sample_sparse_counts(
         one 63-bit key from it; the torch sampler draws from it directly.
     backend
         ``"auto"`` (numba on the CPU when available, else torch), ``"numba"`` or ``"torch"``.
+    theta_index
+        ``(n,)`` row of ``theta`` for each row of ``mu`` (e.g. the expert of each cell when
+        ``theta`` holds one row per expert); saves gathering a full ``(n, genes)`` theta.
 
     Returns
     -------
@@ -78,42 +83,67 @@ def sample_sparse_counts(
         raise ValueError("likelihood='zinb' needs zi_logits.")
     if backend not in ("auto", "numba", "torch"):
         raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}.")
+    n, g = mu.shape
+    if likelihood != "poisson":
+        theta = theta.reshape(-1, g) if theta.dim() > 1 else theta.reshape(1, -1)
+        if theta.shape[1] != g:
+            raise ValueError(f"theta must have {g} columns, got shape {tuple(theta.shape)}.")
+        if theta_index is not None:
+            theta_index = theta_index.reshape(-1).long()
+            if theta_index.shape[0] != n:
+                raise ValueError(f"theta_index must have {n} entries, got {theta_index.shape[0]}.")
+            if n and (int(theta_index.min()) < 0 or int(theta_index.max()) >= theta.shape[0]):
+                raise ValueError(f"theta_index must lie in [0, {theta.shape[0]}).")
+        elif theta.shape[0] not in (1, n):
+            raise ValueError(f"theta must have 1 or {n} rows, got shape {tuple(theta.shape)}.")
     kernel = _numba_kernel() if backend != "torch" else None
     if backend == "numba" and kernel is None:
         raise ImportError("backend='numba' needs numba.")
     if kernel is not None and (backend == "numba" or mu.device.type == "cpu"):
-        return _sample_numba(kernel, likelihood, mu, theta, zi_logits, generator)
+        return _sample_numba(kernel, likelihood, mu, theta, theta_index, zi_logits, generator)
+    if theta_index is not None:
+        theta = theta[theta_index]
     rows, cols, values = _sample_torch(likelihood, mu, theta, zi_logits, generator)
     indptr = torch.zeros(mu.shape[0] + 1, dtype=torch.int64, device=mu.device)
     torch.cumsum(torch.bincount(rows, minlength=mu.shape[0]), 0, out=indptr[1:])
     return indptr, cols.to(torch.int32), values
 
 
-def _sample_numba(kernel, likelihood, mu, theta, zi_logits, generator):
+def scaled_softmax_(logits: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
+    """``library * softmax(logits, -1)``, computed in place in ``logits`` (which it returns).
+
+    Parameters
+    ----------
+    logits
+        ``(n, genes)`` scale logits; overwritten.
+    library
+        ``(n, 1)`` library sizes.
+    """
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    return logits.mul_(library / logits.sum(dim=-1, keepdim=True))
+
+
+def _sample_numba(kernel, likelihood, mu, theta, theta_index, zi_logits, generator):
     device = mu.device
     kind = {"poisson": kernel.POISSON, "nb": kernel.NB, "zinb": kernel.ZINB}
     n, g = mu.shape
     mu = mu.detach().cpu().float().contiguous()
     dummy = np.zeros((1, 1), np.float32)
-    if likelihood == "poisson":
-        th_np = dummy
-        p0 = torch.exp(-mu)
-    else:
-        th = theta.detach().cpu().float()
-        th = th.reshape(-1, g) if th.dim() > 1 else th[None]
-        if th.shape[0] not in (1, n):
-            raise ValueError(f"theta must have 1 or {n} rows, got shape {tuple(theta.shape)}.")
-        th_np = th.contiguous().numpy()
-        # float32 and vectorised; the kernel re-checks entries too close to call in float64
-        p0 = torch.exp(torch.log1p(mu / th).mul_(-th))
-    zl_np = zi_logits.detach().cpu().float().contiguous().numpy() if likelihood == "zinb" else dummy
+    th_np, rows = dummy, np.zeros(n, np.int64)
+    if likelihood != "poisson":
+        th_np = theta.detach().cpu().float().contiguous().numpy()
+        if theta_index is not None:
+            rows = theta_index.detach().cpu().numpy()
+        elif th_np.shape[0] == n and n > 1:
+            rows = np.arange(n, dtype=np.int64)
+    zl_np = dummy
+    if likelihood == "zinb":
+        zl_np = zi_logits.detach().cpu().float().contiguous().numpy()
     key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
     values = np.empty(n * g, np.int32)
     cols = np.empty(n * g, np.int32)
     row_nnz = np.empty(n, np.int64)
-    kernel.sample_rows(
-        mu.numpy(), p0.numpy(), th_np, zl_np, kind[likelihood], key, values, cols, row_nnz
-    )
+    kernel.sample_rows(mu.numpy(), th_np, rows, zl_np, kind[likelihood], key, values, cols, row_nnz)
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(row_nnz, out=indptr[1:])
     out_values = np.empty(indptr[-1], np.int32)

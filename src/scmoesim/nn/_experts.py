@@ -1,6 +1,8 @@
 import math
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._grouped import grouped_mm
@@ -14,7 +16,9 @@ class RoutedExperts(nn.Module):
     forward pass sorts the cells by expert and multiplies each expert's segment of rows by that
     expert's weights in one grouped matrix product (:func:`~scmoesim.nn.grouped_mm`); biases and
     LayerNorm gains are gathered per row. The compute of K experts is that of one decoder; only
-    the parameter memory (and the optimiser's pass over it) grows with K.
+    the parameter memory (and the optimiser's pass over it) grows with K. Generation uses
+    :meth:`decode`, a gradient-free path that runs one ``addmm`` per expert segment with that
+    expert's bias and LayerNorm affine (no per-row gathers) and writes the heads in place.
 
     Every expert is ``[Linear -> LayerNorm -> activation] x n_layers`` followed by one linear
     head per output (e.g. ``{"scale": n_genes, "dropout": n_genes}``). LayerNorm (per-sample)
@@ -119,6 +123,88 @@ class RoutedExperts(nn.Module):
             )[inverse]
             for name in self.head_names
         }
+
+    @torch.no_grad()
+    def decode(
+        self, z: torch.Tensor, expert: torch.Tensor, cat: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`forward` without gradients, for generation (same values up to rounding).
+
+        Each expert's rows go through plain ``addmm`` calls with the expert's own bias and
+        LayerNorm affine, and the heads are written straight into their output rows, which
+        skips the per-row gathers of biases and gains and the final reordering that
+        :meth:`forward` needs for autograd. Fastest when ``expert`` is sorted (as in
+        generation); any order works.
+
+        Parameters
+        ----------
+        z
+            ``(n, n_in)`` latent codes.
+        expert
+            ``(n,)`` integer expert index of each row.
+        cat
+            ``(n,)`` or ``(n, 1)`` integer covariate codes, required when ``n_cat > 0``.
+
+        Returns
+        -------
+        One ``(n, size)`` tensor per head, rows in the input order.
+        """
+        expert = expert.long().reshape(-1)
+        n = expert.shape[0]
+        onehot = None
+        if self.n_cat > 0:
+            if cat is None:
+                raise ValueError("This decoder was built with a covariate; pass `cat`.")
+            codes = cat.long().reshape(-1, 1)
+            onehot = z.new_zeros(codes.shape[0], self.n_cat).scatter_(1, codes, 1.0)
+        in_order = n < 2 or bool((expert[1:] >= expert[:-1]).all())
+        order = None if in_order else torch.argsort(expert, stable=True)
+        counts = torch.bincount(expert, minlength=self.n_experts).tolist()
+        if len(counts) > self.n_experts:
+            raise ValueError(f"Expert indices must be below {self.n_experts}.")
+        h_all = z if order is None else z[order]
+        c_all = onehot if order is None or onehot is None else onehot[order]
+        out = {
+            name: _empty_like_rows(z, n, self.head_weights[name].shape[2])
+            for name in self.head_names
+        }
+        start = 0
+        for k, n_k in enumerate(counts):
+            if n_k == 0:
+                continue
+            rows = slice(start, start + n_k)
+            start += n_k
+            c = c_all[rows] if c_all is not None else None
+            h = h_all[rows]
+            for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+                h = torch.cat([h, c], dim=-1) if c is not None else h
+                h = torch.addmm(b[k], h, w[k])
+                h = F.layer_norm(
+                    h, (h.shape[1],), self.ln_gain[i, k], self.ln_shift[i, k], self.ln[i].eps
+                )
+                h = self.act(h)
+            h = torch.cat([h, c], dim=-1) if c is not None else h
+            for name in self.head_names:
+                w, b = self.head_weights[name][k], self.head_biases[name][k]
+                if order is None:
+                    torch.addmm(b, h, w, out=out[name][rows])
+                else:
+                    out[name].index_copy_(0, order[rows], torch.addmm(b, h, w))
+        return out
+
+
+def _empty_like_rows(z: torch.Tensor, n: int, size: int) -> torch.Tensor:
+    """An uninitialised ``(n, size)`` tensor like ``z``; on the CPU backed by numpy memory.
+
+    numpy asks the kernel for transparent huge pages on large blocks (``madvise``), torch's CPU
+    allocator does not; first touching a fresh ``(2048, 2000)`` float32 output then costs about
+    1 ms instead of about 10 ms of page faults, a tenth of the decoder's time.
+    """
+    if z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(
+            np.empty((n, size), dtype=np.float32 if z.dtype == torch.float32 else np.float64)
+        )
+    return z.new_empty(n, size)
 
 
 def _stacked_weight(n_experts: int, n_in: int, n_out: int) -> nn.Parameter:
