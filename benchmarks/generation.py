@@ -261,6 +261,27 @@ def rejection_sampler(model, cluster: str, n_accept: int, max_proposals: int, se
     }
 
 
+def balanced_request(rej: pd.DataFrame, n_per_cluster: int) -> str:
+    """The paper's protocol: ``n`` cells of every cluster, from one stream of proposals.
+
+    A proposal is decoded once and kept for whichever cluster's posterior passes 0.999, so the
+    stream must run until the rarest cluster has its ``n`` cells: about
+    ``max_k n / rate_k`` proposals (``rate_k``: accepted / proposals of cluster ``k`` above;
+    a capped cluster with none accepted gives a lower bound), against ``n * K`` decoder
+    evaluations for ``generate``.
+    """
+    per_accept = rej["proposals (decoder evaluations)"] / rej["accepted"].clip(lower=1)
+    proposals = n_per_cluster * per_accept.max()
+    ours = n_per_cluster * len(rej)
+    bound = "at least " if bool((rej["capped"] & (rej["accepted"] == 0)).any()) else ""
+    rarest = rej["cluster"][per_accept.idxmax()]
+    return (
+        f"Balanced request ({n_per_cluster} cells of each of {len(rej)} clusters, one proposal "
+        f"stream): rejection {bound}{proposals:,.0f} decoder evaluations (rarest: {rarest}), "
+        f"generate {ours:,}: {bound}{proposals / ours:,.0f}x fewer"
+    )
+
+
 def set_threads(threads: int) -> None:
     """Threads of both torch (decoder) and numba (count sampler)."""
     torch.set_num_threads(threads)
@@ -499,6 +520,7 @@ def main() -> None:
     rej["generate: seconds per cell"] = gen_sec
     rej["fewer decoder evaluations (x)"] = rej["decoder evaluations per accepted cell"]
     print(rej.round(5).to_string(), flush=True)
+    print(balanced_request(rej, args.reject_accept), flush=True)
 
     prof = pd.DataFrame(profile_chunk(model, 2048, args.seed)).T
     print(prof.round(4).to_string(), flush=True)
