@@ -3,10 +3,11 @@
 Methods (each run on every dataset, several seeds):
 
 * ``moesim_knn``: MoESim with the unsupervised kNN similarity on the paper's UMAP projection
-  (``scmoesim.pp.umap_embedding`` of the data, or of its PCA above 50 features), default model
-  settings, no tuning on the labels;
+  (``scmoesim.pp.umap_embedding`` of the data, or of its PCA above 50 features; with
+  ``--knn-rep pca``, on the PCA that the baselines use), default model settings, no tuning on
+  the labels;
 * ``moesim_knn_merged``: the same trained model after ``model.merge_clusters()`` (experts joined
-  by greedy modularity on the kNN graph of the same UMAP, resolution 1); reuses the
+  by greedy modularity on the kNN graph of the same embedding, resolution 1); reuses the
   ``moesim_knn`` model of the same dataset and seed when that ran first;
 * ``pca_leiden``: Leiden at the default resolution (1.0) on the kNN graph of the PCA;
 * ``kmeans`` and ``gmm``: k-means and a Gaussian mixture told the true number of classes, on PCA;
@@ -204,9 +205,12 @@ _KNN_MODELS: dict = {}  # (dataset, seed) -> trained moesim_knn model, for moesi
 
 def _knn_model(ds: Dataset, seed: int, opts: argparse.Namespace) -> scmoesim.MoESim:
     adata = ds.adata.copy()
-    scmoesim.pp.umap_embedding(adata, use_rep=ds.umap_rep, random_state=seed)
+    key = "X_pca"  # --knn-rep pca: the representation PCA + Leiden uses
+    if opts.knn_rep == "umap":
+        scmoesim.pp.umap_embedding(adata, use_rep=ds.umap_rep, random_state=seed)
+        key = "X_umap"
     scvi.settings.seed = seed
-    scmoesim.MoESim.setup_anndata(adata, layer=ds.layer, embedding_key="X_umap")
+    scmoesim.MoESim.setup_anndata(adata, layer=ds.layer, embedding_key=key)
     model = scmoesim.MoESim(adata, likelihood=ds.likelihood, **opts.moesim_kwargs)
     model.train(max_epochs=opts.max_epochs, enable_progress_bar=False)
     for key in [k for k in _KNN_MODELS if k[0] != ds.name]:  # keep one dataset's models
@@ -284,8 +288,8 @@ def cellassign(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
 
 
 METHODS = {
-    "moesim_knn": ("MoESim, kNN on UMAP", moesim_knn),
-    "moesim_knn_merged": ("MoESim, kNN on UMAP + merge_clusters", moesim_knn_merged),
+    "moesim_knn": ("MoESim, kNN", moesim_knn),
+    "moesim_knn_merged": ("MoESim, kNN + merge_clusters", moesim_knn_merged),
     "pca_leiden": ("PCA + Leiden (res. 1)", pca_leiden),
     "kmeans": ("k-means (true K), PCA", kmeans_true_k),
     "gmm": ("GMM (true K), PCA", gmm_true_k),
@@ -352,7 +356,7 @@ def write_markdown(path: str, df: pd.DataFrame, notes: dict, opts) -> None:
         "",
         f"Environment: {environment()}",
         "",
-        "MoESim settings: defaults"
+        f"MoESim kNN similarity on: {opts.knn_rep}. MoESim settings: defaults"
         + (f" plus {opts.moesim_kwargs}" if opts.moesim_kwargs else "")
         + f"; epochs: {opts.max_epochs or 'scvi-tools heuristic'}. Scores from "
         "`scmoesim.metrics` (`hungarian_f1`: Hungarian-matched mean F1; `f_measure`: paper "
@@ -392,6 +396,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-epochs", type=int, default=None, help="default: scvi heuristic")
+    parser.add_argument(
+        "--knn-rep",
+        choices=["umap", "pca"],
+        default="umap",
+        help="embedding of MoESim's kNN similarity: the paper's UMAP, or the PCA of the baselines",
+    )
     parser.add_argument("--moesim-kwargs", default="{}", help="MoESim kwargs as JSON (ablations)")
     parser.add_argument("--out", default=None, help="Markdown file to write")
     opts = parser.parse_args()
