@@ -96,13 +96,7 @@ class RoutedExperts(nn.Module):
         One ``(n, size)`` tensor per head, rows in the input order.
         """
         expert = expert.long().reshape(-1)
-        onehot = None
-        if self.n_cat > 0:
-            if cat is None:
-                raise ValueError("This decoder was built with a covariate; pass `cat`.")
-            # scatter rather than one_hot/bincount: those check index ranges on the host
-            codes = cat.long().reshape(-1, 1)
-            onehot = z.new_zeros(codes.shape[0], self.n_cat).scatter_(1, codes, 1.0)
+        onehot = self._onehot(z, cat)
         order = torch.argsort(expert, stable=True)
         e_sorted = expert[order]
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=z.device)
@@ -134,29 +128,11 @@ class RoutedExperts(nn.Module):
         LayerNorm affine, and the heads are written straight into their output rows, which
         skips the per-row gathers of biases and gains and the final reordering that
         :meth:`forward` needs for autograd. Fastest when ``expert`` is sorted (as in
-        generation); any order works.
-
-        Parameters
-        ----------
-        z
-            ``(n, n_in)`` latent codes.
-        expert
-            ``(n,)`` integer expert index of each row.
-        cat
-            ``(n,)`` or ``(n, 1)`` integer covariate codes, required when ``n_cat > 0``.
-
-        Returns
-        -------
-        One ``(n, size)`` tensor per head, rows in the input order.
+        generation); any order works. Parameters and return value as in :meth:`forward`.
         """
         expert = expert.long().reshape(-1)
         n = expert.shape[0]
-        onehot = None
-        if self.n_cat > 0:
-            if cat is None:
-                raise ValueError("This decoder was built with a covariate; pass `cat`.")
-            codes = cat.long().reshape(-1, 1)
-            onehot = z.new_zeros(codes.shape[0], self.n_cat).scatter_(1, codes, 1.0)
+        onehot = self._onehot(z, cat)
         in_order = n < 2 or bool((expert[1:] >= expert[:-1]).all())
         order = None if in_order else torch.argsort(expert, stable=True)
         counts = torch.bincount(expert, minlength=self.n_experts).tolist()
@@ -191,6 +167,16 @@ class RoutedExperts(nn.Module):
                 else:
                     out[name].index_copy_(0, order[rows], torch.addmm(b, h, w))
         return out
+
+    def _onehot(self, z: torch.Tensor, cat: torch.Tensor | None) -> torch.Tensor | None:
+        """One-hot covariate rows (``None`` without a covariate)."""
+        if self.n_cat == 0:
+            return None
+        if cat is None:
+            raise ValueError("This decoder was built with a covariate; pass `cat`.")
+        # scatter rather than one_hot/bincount: those check index ranges on the host
+        codes = cat.long().reshape(-1, 1)
+        return z.new_zeros(codes.shape[0], self.n_cat).scatter_(1, codes, 1.0)
 
 
 def _empty_like_rows(z: torch.Tensor, n: int, size: int) -> torch.Tensor:
