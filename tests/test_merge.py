@@ -1,6 +1,10 @@
 """merge_clusters: experts joined into clusters by greedy modularity on a kNN graph."""
 
 import anndata as ad
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 import pandas as pd
 import pytest
@@ -101,6 +105,10 @@ def test_merge_clusters_recovers_the_blobs(split_model, tmp_path):
     assert set(merged.categories) <= set(soft.columns)
     np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-5)
     assert (soft.to_numpy().argmax(1) == pd.Index(soft.columns).get_indexer(merged)).all()
+    # the usage plot tells merged clusters from experts
+    fig = scmoesim.pl.expert_usage(model)
+    assert fig.axes[0].get_title() == f"3 clusters (merged) on {before} of 8 experts"
+    plt.close(fig)
     # the training data is not touched
     assert adata.obs.equals(snapshot.obs) and set(adata.obsm) == set(snapshot.obsm)
     model.annotate(snapshot)

@@ -88,7 +88,13 @@ def expert_usage(
             label.set_color(empty_color)
     ax_.set_ylabel("cells")
     ax_.set_xlabel("expert (cluster)")
-    ax_.set_title(f"effective number of clusters: {n_eff} of {len(usage)}", fontsize="medium")
+    n_clusters = int((usage.groupby(level=0, sort=False).sum() > 0).sum())
+    title = (
+        f"effective number of clusters: {n_eff} of {len(usage)}"
+        if n_clusters == n_eff
+        else f"{n_clusters} clusters (merged) on {n_eff} of {len(usage)} experts"
+    )
+    ax_.set_title(title, fontsize="medium")
     ax_.margins(y=0.12)
     if ax is None:
         fig.tight_layout()
