@@ -184,26 +184,22 @@ class MoESimModule(BaseModuleClass):
 
     def dispersion_for(self, expert: torch.Tensor) -> torch.Tensor | None:
         """Per-cell NB inverse dispersion or Gaussian scale (``None`` if unused)."""
-        if not hasattr(self, "log_dispersion"):
-            return None
-        rows = (
-            self.log_dispersion[expert]
-            if self.dispersion == "gene-expert"
-            else (self.log_dispersion)
-        )
-        return torch.exp(rows)
+        table, rows = self.dispersion_table(expert)
+        return table if rows is None else table[rows]
 
     def dispersion_table(
         self, expert: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """NB inverse dispersion as a table and each cell's row in it (no per-cell copy).
+        """NB inverse dispersion (or Gaussian scale) as a table and each cell's row in it.
 
-        ``(exp(log_dispersion), expert)`` for ``dispersion="gene-expert"``, else
-        ``(dispersion_for(expert), None)``.
+        ``(exp(log_dispersion), expert)`` for ``dispersion="gene-expert"`` (one row per
+        expert: no per-cell copy), ``(exp(log_dispersion), None)`` for one shared row, and
+        ``(None, None)`` when the likelihood has no such parameter.
         """
-        if hasattr(self, "log_dispersion") and self.dispersion == "gene-expert":
-            return torch.exp(self.log_dispersion), expert
-        return self.dispersion_for(expert), None
+        if not hasattr(self, "log_dispersion"):
+            return None, None
+        table = torch.exp(self.log_dispersion)
+        return table, (expert if self.dispersion == "gene-expert" else None)
 
     # ------------------------------------------------------------------ forward
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
