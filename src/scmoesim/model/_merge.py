@@ -14,6 +14,8 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from ._outputs import _number_unnamed
+
 #: What :meth:`MergeMixin.merge_clusters` accepts as ``use_rep`` for the model's latent space.
 LATENT = "latent"
 
@@ -45,7 +47,8 @@ def modularity_merge(
 
     Returns
     -------
-    For each group, the index of its merged group (``0 ..``, in order of first appearance).
+    For each group, the index of its merged group (``0 ..``, ordered by the smallest group
+    index in each merged group).
     """
     onehot = sparse.csr_matrix(
         (np.ones(len(codes)), (np.arange(len(codes)), codes)), shape=(len(codes), n_groups)
@@ -148,8 +151,9 @@ class MergeMixin:
         if resolution is None:
             self.cluster_names_ = list(experts)
         else:
-            graph = self._merge_graph(n_neighbors, use_rep, batch_size)
-            codes = self._pass(batch_size=batch_size)["expert"]
+            out = self._pass(batch_size=batch_size)  # experts and latent in one pass
+            graph = self._merge_graph(n_neighbors, use_rep, out["z"])
+            codes = out["expert"]
             classes = set(self._class_names())
             named = np.array([n in classes for n in experts])
             groups = modularity_merge(
@@ -166,7 +170,9 @@ class MergeMixin:
             index=pd.RangeIndex(len(experts), name="expert"),
         )
 
-    def _merge_graph(self, n_neighbors: int, use_rep: str | None, batch_size) -> sparse.spmatrix:
+    def _merge_graph(
+        self, n_neighbors: int, use_rep: str | None, latent: np.ndarray
+    ) -> sparse.spmatrix:
         from ..pp import neighbors
 
         setup = self.adata_manager.registry["setup_args"]
@@ -178,7 +184,7 @@ class MergeMixin:
             use_rep = setup["embedding_key"]
             metric = self.module.knn_metric
         if use_rep is None or use_rep == LATENT:
-            rep = self.get_latent_representation(batch_size=batch_size)
+            rep = latent
         elif use_rep in self.adata.obsm:
             rep = np.asarray(self.adata.obsm[use_rep])
         else:
@@ -196,17 +202,12 @@ def _group_names(
     experts: list[str], groups: np.ndarray, named: np.ndarray, usage: np.ndarray
 ) -> list[str]:
     """Cluster name of every expert: its group's class name, or a number by group size."""
-    usage = np.asarray(usage, dtype=float)
     n_groups = int(groups.max()) + 1 if len(groups) else 0
-    names: dict[int, str] = {}
+    names: list[str | None] = [None] * n_groups
     for g in range(n_groups):
         members = np.flatnonzero(groups == g)
         if named[members].any():
             names[g] = experts[members[named[members]][0]]
-    size = np.bincount(groups, weights=usage, minlength=n_groups)
-    free = [g for g in np.argsort(-size, kind="stable") if g not in names]
-    taken = set(names.values())
-    prefix = "cluster_" if any(str(i) in taken for i in range(len(experts))) else ""
-    for i, g in enumerate(free):
-        names[g] = f"{prefix}{i}"
-    return [names[int(g)] for g in groups]
+    size = np.bincount(groups, weights=np.asarray(usage, dtype=float), minlength=n_groups)
+    group_names = _number_unnamed(names, size, len(experts))
+    return [group_names[int(g)] for g in groups]

@@ -316,9 +316,19 @@ def _names_from_mass(mass: np.ndarray, classes: list[str], usage: np.ndarray) ->
         rows, cols = linear_sum_assignment(mass, maximize=True)
         for r, c in zip(rows, cols, strict=True):
             names[c] = classes[r]
+    return _number_unnamed(names, usage, n_exp)
+
+
+def _number_unnamed(names: list[str | None], size: np.ndarray, n_experts: int) -> list[str]:
+    """Fill the ``None`` entries of ``names`` with ``0, 1, ...`` by decreasing ``size``.
+
+    The numbers get a ``cluster_`` prefix when a given name is itself one of ``0 ..
+    n_experts - 1``, so that no number can collide with a class.
+    """
     taken = set(n for n in names if n is not None)
-    free = [k for k in np.argsort(-usage, kind="stable") if names[k] is None]
-    prefix = "cluster_" if any(str(i) in taken for i in range(n_exp)) else ""
+    free = [k for k in np.argsort(-np.asarray(size), kind="stable") if names[k] is None]
+    prefix = "cluster_" if any(str(i) in taken for i in range(n_experts)) else ""
+    names = list(names)
     for i, k in enumerate(free):
         names[k] = f"{prefix}{i}"
     return [str(n) for n in names]

@@ -12,6 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from scmoesim import _constants as K
+from scmoesim.model._outputs import _n_clusters
 
 from ._utils import check_trained, finish, new_figure
 
@@ -88,7 +89,7 @@ def expert_usage(
             label.set_color(empty_color)
     ax_.set_ylabel("cells")
     ax_.set_xlabel("expert (cluster)")
-    n_clusters = int((usage.groupby(level=0, sort=False).sum() > 0).sum())
+    n_clusters = _n_clusters(usage, 1)  # experts merged by merge_clusters count once
     title = (
         f"effective number of clusters: {n_eff} of {len(usage)}"
         if n_clusters == n_eff
