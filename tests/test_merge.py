@@ -176,6 +176,16 @@ def test_merge_clusters_options_and_errors(split_model):
     for bad in (1, 2.5, True):
         with pytest.raises(ValueError, match="n_neighbors"):
             model.merge_clusters(n_neighbors=bad)
+    # a bad obsm representation is named before any graph is built; the AnnData is untouched
+    for key, value, err in [
+        ("X_nan", np.full((600, 3), np.nan, np.float32), ValueError),
+        ("X_text", np.full((600, 3), "a", dtype=object), TypeError),
+    ]:
+        adata.obsm[key] = value
+        with pytest.raises(err, match=key):
+            model.merge_clusters(use_rep=key)
+        del adata.obsm[key]
+    assert set(adata.obsm) == {"X_emb", "X_joined"}
     fresh = scmoesim.MoESim(adata, n_experts=4, likelihood="normal")
     with pytest.raises(RuntimeError, match="Train the model"):
         fresh.merge_clusters()
@@ -195,3 +205,15 @@ def test_merge_never_joins_two_label_classes():
     # without the rule, this resolution merges the one blob's experts into one cluster
     assert set(model.predict()) == {"A", "B"}
     assert sum(n in ("A", "B") for n in model.cluster_names_) == 2
+
+
+def test_merge_graph_uses_the_registered_obsp_graph():
+    rng = np.random.default_rng(2)
+    adata = ad.AnnData(rng.normal(size=(40, 5)).astype(np.float32))
+    graph = sparse.random(40, 40, density=0.1, random_state=0, format="csr")  # not symmetric
+    adata.obsp["g"] = graph
+    scmoesim.MoESim.setup_anndata(adata, graph_key="g")
+    model = scmoesim.MoESim(adata, n_experts=3, likelihood="normal")
+    used = model._merge_graph(15, None, latent=np.zeros((40, 2)))
+    np.testing.assert_array_equal(used.toarray(), graph.maximum(graph.T).toarray())
+    assert (adata.obsp["g"] != graph).nnz == 0  # the user's graph is not changed

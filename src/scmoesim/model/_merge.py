@@ -15,6 +15,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from ._outputs import _number_unnamed
+from ._validate import check_embedding
 
 #: What :meth:`MergeMixin.merge_clusters` accepts as ``use_rep`` for the model's latent space.
 LATENT = "latent"
@@ -186,6 +187,7 @@ class MergeMixin:
         if use_rep is None or use_rep == LATENT:
             rep = latent
         elif use_rep in self.adata.obsm:
+            check_embedding(self.adata, use_rep)  # 2-D, numeric, finite
             rep = np.asarray(self.adata.obsm[use_rep])
         else:
             raise KeyError(
