@@ -140,7 +140,10 @@ def umap_embedding(
         Cells x features. For count data give a log-normalised representation (``use_rep``,
         e.g. ``"X_pca"`` from ``sc.pp.pca``); raw counts in ``X`` make a poor graph.
     n_components
-        Dimension of the projection.
+        Dimension of the projection. 2 (scanpy's default) suits cytometry; for images or data
+        with many classes, ``n_components=10`` with ``min_dist=0.1`` gives cleaner minibatch
+        neighbourhoods (MNIST: NMI 0.73 against 0.66; docs, "Choosing the embedding"). Plot
+        with a separate 2-D UMAP then.
     n_neighbors
         Neighbours of the UMAP graph (not the ``k`` of the minibatch similarity, which is
         ``MoESim(knn_neighbors=...)``).
