@@ -12,7 +12,8 @@ Methods (each run on every dataset, several seeds):
 * ``pca_leiden``: Leiden at the default resolution (1.0) on the kNN graph of the PCA;
 * ``kmeans`` and ``gmm``: k-means and a Gaussian mixture told the true number of classes, on PCA;
 * ``scvi_leiden``: Leiden on scVI's latent space (NB likelihood on counts, Gaussian otherwise;
-  scVI's log1p input transform is switched off for data with negative values);
+  not run on data with negative values, such as the mixture: scVI's library size is the log of
+  a cell's sum);
 * for datasets with marker signatures: ``moesim_signatures`` and, on count data, scvi-tools'
   ``cellassign``.
 
@@ -278,11 +279,7 @@ def scvi_leiden(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
     scvi.settings.seed = seed
     counts = ds.likelihood in ("nb", "zinb", "poisson")
     scvi.model.SCVI.setup_anndata(adata, layer=ds.layer)
-    x = adata.layers[ds.layer] if ds.layer else adata.X
-    # scVI's encoder reads log1p(x) by default, which is NaN for negative values (the mixture)
-    model = scvi.model.SCVI(
-        adata, gene_likelihood="nb" if counts else "normal", log_variational=bool(x.min() >= 0)
-    )
+    model = scvi.model.SCVI(adata, gene_likelihood="nb" if counts else "normal")
     model.train(max_epochs=opts.max_epochs, enable_progress_bar=False)
     adata.obsm["X_scvi"] = model.get_latent_representation()
     return _leiden(adata, "X_scvi", seed)
@@ -318,6 +315,9 @@ METHODS = {
 
 
 def applicable(method: str, ds: Dataset) -> bool:
+    if method == "scvi_leiden":  # scVI takes log(sum of a cell's values) as its library size
+        x = ds.adata.layers[ds.layer] if ds.layer else ds.adata.X
+        return bool(x.min() >= 0)
     if method == "moesim_signatures":
         return ds.signatures is not None
     if method == "cellassign":
@@ -479,11 +479,8 @@ def main() -> None:
     if opts.resume and log is not None and log.is_file():
         kept = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         kept = [t for t in kept if t["name"] in names and t["seed"] in opts.seeds]
-        tasks = [
-            (i, seed)
-            for i, seed in tasks
-            if (names[i], seed) not in {(t["name"], t["seed"]) for t in kept}
-        ]
+        finished = {(t["name"], t["seed"]) for t in kept}
+        tasks = [(i, seed) for i, seed in tasks if (names[i], seed) not in finished]
         for t in kept:
             notes[t["name"]], rank[t["name"]] = t["note"], names.index(t["name"])
             rows.extend(t["rows"])
@@ -501,7 +498,10 @@ def main() -> None:
             entry = {"name": name, "seed": seed, "note": note, "rows": new_rows}
             with log.open("a") as fh:
                 fh.write(json.dumps(entry) + "\n")
-        if opts.out:  # write after every finished task, so a long run leaves partial results
+        write()  # after every finished task, so a long run leaves partial results
+
+    def write() -> None:
+        if opts.out and rows:
             in_order = dict(sorted(notes.items(), key=lambda kv: rank[kv[0]]))
             write_markdown(opts.out, _ordered(rows, rank, opts), in_order, opts)
 
@@ -515,7 +515,9 @@ def main() -> None:
             futures = [pool.submit(_run_task, *task, opts) for task in tasks]
             for future in as_completed(futures):
                 collect(future.result())
-    print(summarise(_ordered(rows, rank, opts)).to_string(index=False))
+    write()  # also when --resume found nothing left to run
+    if rows:
+        print(summarise(_ordered(rows, rank, opts)).to_string(index=False))
 
 
 _LOADERS: list = []  # set by main(): one loader per dataset, shared with forked workers
