@@ -179,9 +179,9 @@ def resampled_real(model, adata, seed: int) -> list[dict]:
     module = model.module
     module.eval()
     x = torch.as_tensor(adata.layers["counts"].toarray(), dtype=torch.float32)
-    expert = module.inference(x, use_mean=True)["expert"]  # the cell's cluster, as in predict
     torch.manual_seed(seed)
     inf = module.inference(x)
+    expert = module.gate_logits(inf["qz_m"]).argmax(-1)  # the gate on the posterior mean
     px = module.generative(inf["z"], expert, inf["library"])["px"]
     x_new = px.sample().numpy()
     real_cluster = np.asarray(model.predict()).astype(str)
