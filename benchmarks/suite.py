@@ -32,9 +32,10 @@ Usage::
 # ruff: noqa: E402
 import os
 
-# One thread per process, set before numpy, torch and numba start their thread pools. With
-# only torch.set_num_threads(1), the first run of each --jobs worker took 2 threads per process
-# (pbmc68k_reduced: 334 s instead of 42 s per MoESim run on 2 cores); an explicit value wins.
+# One thread per process, set before numpy, torch and numba start their thread pools (a value
+# the caller set is kept for those; torch is held to one thread below). With only
+# torch.set_num_threads(1), the first task of each --jobs worker ran a second busy thread
+# (pbmc68k_reduced: 334 s instead of 42 s per MoESim run on 2 cores).
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
@@ -188,6 +189,11 @@ def load_synthetic(n_components: int = 10, seed: int = 0) -> Dataset:
     )
 
 
+def h5ad_name(path: str) -> str:
+    """Dataset name of an ``.h5ad`` file: its file name without the suffix."""
+    return path.rsplit("/", 1)[-1].removesuffix(".h5ad")
+
+
 def load_h5ad(path: str, label_key: str, layer, likelihood: str, exclude: list[str]) -> Dataset:
     adata = ad.read_h5ad(path)
     if label_key not in adata.obs:
@@ -195,7 +201,7 @@ def load_h5ad(path: str, label_key: str, layer, likelihood: str, exclude: list[s
     truth = adata.obs[label_key].astype(str).to_numpy()
     keep = ~np.isin(truth, exclude) & (adata.obs[label_key].notna().to_numpy())
     return Dataset(
-        path.rsplit("/", 1)[-1].removesuffix(".h5ad"),
+        h5ad_name(path),
         adata,
         truth,
         likelihood,
@@ -471,9 +477,10 @@ def main() -> None:
     ]
     global _LOADERS
     _LOADERS = [loader for _, loader in loaders]
-    names = [*opts.datasets, *(p.rsplit("/", 1)[-1].removesuffix(".h5ad") for p in opts.h5ad)]
+    names = [*opts.datasets, *(h5ad_name(p) for p in opts.h5ad)]  # as the loaders name them
+    rank = {name: i for i, name in enumerate(names)}
     tasks = [(i, seed) for i in range(len(_LOADERS)) for seed in opts.seeds]
-    rows, notes, rank = [], {}, {}
+    rows, notes = [], {}
     # every finished task also goes to <out>.tasks.jsonl, so --resume can skip it
     log = Path(opts.out).with_suffix(".tasks.jsonl") if opts.out else None
     if opts.resume and log is not None and log.is_file():
@@ -482,15 +489,15 @@ def main() -> None:
         finished = {(t["name"], t["seed"]) for t in kept}
         tasks = [(i, seed) for i, seed in tasks if (names[i], seed) not in finished]
         for t in kept:
-            notes[t["name"]], rank[t["name"]] = t["note"], names.index(t["name"])
+            notes[t["name"]] = t["note"]
             rows.extend(t["rows"])
         print(f"resumed {len(kept)} finished tasks from {log}; {len(tasks)} to run", flush=True)
     elif log is not None:
         log.write_text("")
 
-    def collect(done: tuple[int, int, str, str, list[dict]]) -> None:
-        index, seed, name, note, new_rows = done
-        notes[name], rank[name] = note, index
+    def collect(done: tuple[int, str, str, list[dict]]) -> None:
+        seed, name, note, new_rows = done
+        notes[name] = note
         rows.extend(new_rows)
         for row in new_rows:
             print(json.dumps(row), flush=True)
@@ -523,11 +530,8 @@ def main() -> None:
 _LOADERS: list = []  # set by main(): one loader per dataset, shared with forked workers
 
 
-def _run_task(
-    index: int, seed: int, opts: argparse.Namespace
-) -> tuple[int, int, str, str, list[dict]]:
+def _run_task(index: int, seed: int, opts: argparse.Namespace) -> tuple[int, str, str, list[dict]]:
     """Every applicable method on one dataset with one seed (one process, one thread)."""
-    torch.set_num_threads(1)
     ds = _LOADERS[index]()
     rows = []
     for method in opts.methods:
@@ -555,7 +559,7 @@ def _run_task(
         )
         print(f"done: {ds.name}, {label}, seed {seed}, {rows[-1]['seconds']} s", flush=True)
     _KNN_MODELS.clear()
-    return index, seed, ds.name, ds.note, rows
+    return seed, ds.name, ds.note, rows
 
 
 def _ordered(rows: list[dict], rank: dict[str, int], opts: argparse.Namespace) -> pd.DataFrame:
