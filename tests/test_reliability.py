@@ -312,6 +312,33 @@ def test_too_few_cells_to_train(adata):
         MoESim(tiny).train(**ONE_EPOCH)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "sizes"),
+    [
+        # 81 training cells (90%): two minibatches of 32, the 17 left over are dropped
+        ({"batch_size": 32}, [32] * 4),
+        # a training split smaller than batch_size is one minibatch of all its cells
+        ({"batch_size": 500}, [81] * 2),
+        ({"batch_size": 32, "datasplitter_kwargs": {"drop_last": False}}, [32, 32, 17] * 2),
+    ],
+)
+def test_training_minibatches_are_full(adata, kwargs, sizes):
+    """A few left-over cells would get a similarity of their own (k neighbours among them)."""
+    MoESim.setup_anndata(adata, layer="counts", embedding_key="X_pca")
+    model = MoESim(adata, n_experts=3, n_latent=4)
+    seen = []
+    loss = model.module.loss
+
+    def recording_loss(tensors, *args, **kwargs):
+        if model.module.training:
+            seen.append(tensors["X"].shape[0])
+        return loss(tensors, *args, **kwargs)
+
+    model.module.loss = recording_loss
+    model.train(max_epochs=2, enable_progress_bar=False, **kwargs)
+    assert sorted(seen) == sorted(sizes)
+
+
 @pytest.fixture(scope="module")
 def trained_model():
     adata = make_adata()

@@ -374,6 +374,13 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             fewer for large).
         batch_size
             Minibatch size (paper, Tabula Muris: 256). The similarity is built per minibatch.
+            The last, incomplete minibatch of each epoch is dropped (the cells are reshuffled
+            every epoch, so all of them are used): the pairwise similarity of a few cells is not
+            that of a full minibatch. With the kNN source, 10 neighbours among the 11 cells
+            left over would call every pair similar and, one step in four on an 865-cell
+            dataset, pull all cells towards one expert. Pass
+            ``datasplitter_kwargs={"drop_last": False}`` to keep it. When the training split
+            is smaller than ``batch_size``, it is one minibatch of all its cells.
         lr
             Adam learning rate (paper: 1e-3).
         accelerator, devices
@@ -436,6 +443,11 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         if not isinstance(batch_size, int) or batch_size < 2:
             raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}.")
         V.check_enough_cells(self.adata.n_obs, train_size)
+        datasplitter_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
+        datasplitter_kwargs.setdefault("drop_last", True)
+        if datasplitter_kwargs["drop_last"]:
+            # one full minibatch when the training split is smaller than batch_size
+            batch_size = min(batch_size, V.n_train_cells(self.adata.n_obs, train_size))
         plan_kwargs.setdefault("lr", lr)
         trainer_kwargs.setdefault("check_val_every_n_epoch", None)
         flag = InterruptFlag()
@@ -457,6 +469,7 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
                 batch_size=batch_size,
                 early_stopping=early_stopping,
                 plan_kwargs=plan_kwargs,
+                datasplitter_kwargs=datasplitter_kwargs,
                 **trainer_kwargs,
             )
         except SystemExit:

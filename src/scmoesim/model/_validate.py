@@ -187,9 +187,14 @@ def warn_all_zero(adata: AnnData, layer: str | None) -> None:
             )
 
 
+def n_train_cells(n_obs: int, train_size: float | None) -> int:
+    """Cells in the training split, as scvi-tools' data splitter counts them (default 90%)."""
+    return int(np.ceil(n_obs * (0.9 if train_size is None else train_size)))
+
+
 def check_enough_cells(n_obs: int, train_size: float | None) -> None:
     """Training needs a few cells in the training split (BatchNorm, minibatch similarity)."""
-    n_train = int(np.ceil(n_obs * (0.9 if train_size is None else train_size)))
+    n_train = n_train_cells(n_obs, train_size)
     if n_train < 3:
         raise ValueError(
             f"Training needs at least 3 cells in the training split; got {n_obs} cell(s) "
