@@ -89,6 +89,59 @@ def test_similarity_bce_collapse_is_penalised():
     assert similarity_bce(collapsed, s, mask)[0] > 10 * similarity_bce(separated, s, mask)[0]
 
 
+def test_similarity_bce_resolution_weighs_dissimilar_pairs():
+    # 3 cells: pair (0, 1) similar, (0, 2) and (1, 2) dissimilar; both directions known
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.5, 0.5]])
+    s = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = ~torch.eye(3, dtype=torch.bool)
+    # PP^T: (0, 1) = 0.5, (0, 2) = 0.5, (1, 2) = 0.5
+    sim, dis = -math.log(0.5), -math.log(0.5)
+    loss, n = similarity_bce(p, s, mask)
+    assert n.item() == 6
+    assert loss.item() == pytest.approx((2 * sim + 4 * dis) / 6, rel=1e-5)
+    # resolution r: each of the 4 dissimilar (directed) pairs weighs r * 2 / 4
+    p2 = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.2, 0.8]])
+    pp = p2 @ p2.T
+    sim_terms = -2 * torch.log(pp[0, 1])
+    dis_terms = -2 * (torch.log1p(-pp[0, 2]) + torch.log1p(-pp[1, 2]))
+    for r in (0.5, 1.0, 4.0):
+        w = r * 2 / 4
+        expected = (sim_terms + w * dis_terms) / (2 + 4 * w)
+        loss, n = similarity_bce(p2, s, mask, resolution=r)
+        assert n.item() == 6
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # a larger resolution makes the dissimilar pairs count more
+    keep_apart = [similarity_bce(p2, s, mask, resolution=r)[0].item() for r in (0.5, 4.0)]
+    assert keep_apart[0] < keep_apart[1]
+
+
+def test_similarity_bce_resolution_gradient_matches_weighted_formula():
+    g = torch.Generator().manual_seed(3)
+    n, k = 40, 4
+    logits = torch.randn(n, k, generator=g, dtype=torch.float64)
+    s = (torch.rand(n, n, generator=g) < 0.2).double()
+    s = torch.maximum(s, s.T)
+    mask = torch.rand(n, n, generator=g) < 0.8
+    mask.fill_diagonal_(False)
+    m = mask.double()
+    w = 3.0 * (m * s).sum() / (m * (1 - s)).sum()
+    weights = m * (s + (1 - s) * w)
+
+    def reference(p):
+        pp = (p @ p.T).clamp(1e-7, 1.0 - 1e-7)
+        bce = -(s * torch.log(pp) + (1.0 - s) * torch.log1p(-pp))
+        return (bce * weights).sum() / weights.sum()
+
+    grads = []
+    for fn in (reference, lambda p: similarity_bce(p, s, mask, resolution=3.0)[0]):
+        x = logits.clone().requires_grad_(True)
+        value = fn(torch.softmax(x, -1))
+        value.backward()
+        grads.append((value.detach(), x.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1])
+
+
 def test_depict_target_eq9_and_detached():
     p = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]], requires_grad=True)
     q = depict_target(p)

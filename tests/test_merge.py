@@ -200,7 +200,7 @@ def test_merge_never_joins_two_label_classes():
     scvi.settings.seed = 0
     scmoesim.MoESim.setup_anndata(adata, labels_key="label", embedding_key="X_emb")
     model = scmoesim.MoESim(adata, n_experts=4, likelihood="normal", n_latent=3)
-    model.train(max_epochs=5, batch_size=100, enable_progress_bar=False)
+    model.train(max_epochs=15, batch_size=100, enable_progress_bar=False)
     model.merge_clusters(resolution=1e-3)
     # without the rule, this resolution merges the one blob's experts into one cluster
     assert set(model.predict()) == {"A", "B"}

@@ -262,6 +262,15 @@ INIT_ERRORS = {
         {"knn_threshold": -1.0},
         "knn_threshold must be None or a number > 0",
     ),
+    **{
+        f"resolution-{value!r}": (
+            None,
+            {"layer": "counts", "embedding_key": "X_pca"},
+            {"similarity_resolution": value},
+            rf"similarity_resolution must be a positive number or 'paper', got {value!r}",
+        )
+        for value in (0.0, -1.0, float("nan"), float("inf"), True, "leiden")
+    },
 }
 
 

@@ -207,11 +207,18 @@ def test_unsupervised_defaults_resolve_and_are_saved():
     mod = model.module
     assert (mod.n_experts, mod.clustering_weight, mod.kl_weight) == (20, 4.0, 0.0)
     assert mod.knn_far_fraction is None
+    assert mod.similarity_resolution == 4.0
     saved = model.init_params_["non_kwargs"]
     assert (saved["n_experts"], saved["clustering_weight"], saved["kl_weight"]) == (20, 4.0, 0.0)
+    assert saved["similarity_resolution"] == 4.0
+    paper = scmoesim.MoESim(adata, likelihood="normal", similarity_resolution="paper")
+    assert paper.module.similarity_resolution is None
+    two = scmoesim.MoESim(adata, likelihood="normal", similarity_resolution=2)
+    assert two.module.similarity_resolution == 2.0
     # labels (with or without kNN) keep the supervised defaults
     scmoesim.MoESim.setup_anndata(adata, labels_key="lab", embedding_key="X_emb")
     mod = scmoesim.MoESim(adata, likelihood="normal").module
     assert (mod.n_experts, mod.clustering_weight, mod.kl_weight) == (4, 0.8, 2.0)
+    assert mod.similarity_resolution is None
     explicit = scmoesim.MoESim(adata, likelihood="normal", clustering_weight=1.5)
     assert explicit.module.clustering_weight == 1.5

@@ -2,6 +2,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from anndata import AnnData
 from scvi.data import AnnDataManager
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 #: Levine_32dim benchmark (``benchmarks/RESULTS.md``).
 UNSUPERVISED_N_EXPERTS = 20
 UNSUPERVISED_CLUSTERING_WEIGHT = 4.0
+UNSUPERVISED_RESOLUTION = 4.0
 
 
 class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -77,6 +79,18 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         Weight of the clustering loss. ``None`` (default) picks the paper's 0.8 when labels or
         signatures are registered and 4.0 otherwise (kNN or graph similarity only): measured on
         Levine_32dim, 4.0 raised the Hungarian F1 from 0.73 to 0.82 (``benchmarks/RESULTS.md``).
+    similarity_resolution
+        How the similarity loss weighs dissimilar pairs against similar ones, and so how large
+        its clusters are. A number ``r``: each known dissimilar pair of a minibatch weighs
+        ``r * n_similar / n_dissimilar``, so two groups of cells stay together when the share
+        of their pairs called similar is above about ``r`` times the minibatch's overall share,
+        the criterion of Leiden's constant Potts model; like Leiden's ``resolution``, larger
+        gives more and smaller clusters (:func:`~scmoesim.module.similarity_bce`).
+        ``"paper"``: every pair weighs 1 (Eq. 7 as published); with the kNN similarity the
+        clusters then hold about ``2 * knn_neighbors`` cells per minibatch whatever the data.
+        ``None`` (default) picks 4.0 when the kNN or graph similarity is the only source and
+        ``"paper"`` when labels or signatures are registered (their pairs are right by
+        construction). Measured in ``benchmarks/results_resolution.md``.
     depict_weight
         pi_2, DEPICT weight inside the clustering loss. The paper uses 1; the default is 0
         because on both signature benchmarks (``benchmarks/``) the DEPICT target's
@@ -145,6 +159,7 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         kl: K.KLKind = "mixture",
         kl_weight: float | None = None,
         clustering_weight: float | None = None,
+        similarity_resolution: float | Literal["paper"] | None = None,
         depict_weight: float = 0.0,
         anchor_weight: float = 1.0,
         knn_neighbors: int = 10,
@@ -182,6 +197,9 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             clustering_weight = 0.8 if class_names else UNSUPERVISED_CLUSTERING_WEIGHT
         if n_experts is None:
             n_experts = len(class_names) + 1 if class_names else UNSUPERVISED_N_EXPERTS
+        if similarity_resolution is None:
+            similarity_resolution = "paper" if class_names else UNSUPERVISED_RESOLUTION
+        V.check_resolution(similarity_resolution)
         V.check_model_params(
             sizes={
                 "n_experts": n_experts,
@@ -239,6 +257,9 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             kl=kl,
             kl_weight=kl_weight,
             clustering_weight=clustering_weight,
+            similarity_resolution=(
+                None if similarity_resolution == "paper" else float(similarity_resolution)
+            ),
             depict_weight=depict_weight,
             anchor_weight=anchor_weight,
             use_labels=use_labels,

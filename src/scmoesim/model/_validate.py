@@ -187,6 +187,16 @@ def warn_all_zero(adata: AnnData, layer: str | None) -> None:
             )
 
 
+def check_resolution(value) -> None:
+    """``similarity_resolution`` is ``"paper"`` or a positive finite number."""
+    if isinstance(value, str) and value == "paper":
+        return
+    if not _is_number(value) or not np.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"similarity_resolution must be a positive number or 'paper', got {value!r}."
+        )
+
+
 def n_train_cells(n_obs: int, train_size: float | None) -> int:
     """Cells in the training split, as scvi-tools' data splitter counts them (default 90%)."""
     return int(np.ceil(n_obs * (0.9 if train_size is None else train_size)))

@@ -54,6 +54,9 @@ class MoESimModule(BaseModuleClass):
         pi_1, weight of the KL term.
     clustering_weight
         Weight of the clustering loss (similarity + pi_2 DEPICT).
+    similarity_resolution
+        Weight of the dissimilar pairs in the similarity loss relative to their share of the
+        minibatch (:func:`~scmoesim.module.similarity_bce`); ``None``: every pair weighs 1.
     depict_weight
         pi_2, weight of the DEPICT term inside the clustering loss.
     use_labels
@@ -99,6 +102,7 @@ class MoESimModule(BaseModuleClass):
         kl: K.KLKind = "mixture",
         kl_weight: float = 1.0,
         clustering_weight: float = 1.0,
+        similarity_resolution: float | None = None,
         depict_weight: float = 0.0,
         anchor_weight: float = 0.0,
         use_labels: bool = False,
@@ -128,6 +132,7 @@ class MoESimModule(BaseModuleClass):
         self.kl = kl
         self.kl_weight = kl_weight
         self.clustering_weight = clustering_weight
+        self.similarity_resolution = similarity_resolution
         self.depict_weight = depict_weight
         self.anchor_weight = anchor_weight
         self.dispersion = dispersion
@@ -353,7 +358,7 @@ class MoESimModule(BaseModuleClass):
             sim = torch.zeros((), device=x.device)
             known = torch.zeros((), device=x.device)
         else:
-            sim, n_pairs = similarity_bce(p, *sim_mask)
+            sim, n_pairs = similarity_bce(p, *sim_mask, resolution=self.similarity_resolution)
             known = n_pairs / float(max(x.shape[0] * (x.shape[0] - 1), 1))
         # Class codes of the first source (labels, else signatures) index the experts directly.
         anchor = anchor_loss(p, codes[0]) if codes else torch.zeros((), device=x.device)
