@@ -397,6 +397,16 @@ def write_markdown(path: str, df: pd.DataFrame, notes: dict, opts) -> None:
         "",
         *[f"- `{k}`: {v}" for k, v in notes.items()],
         "",
+        *(
+            [
+                f"Rows of the methods other than {', '.join(f'`{m}`' for m in opts.methods)} "
+                f"are copied from `{opts.rows_from}`, an earlier run's task log with the same "
+                "datasets and seeds.",
+                "",
+            ]
+            if opts.rows_from
+            else []
+        ),
         "How the defaults were chosen, ablations and earlier runs: `results_exploration.md`; "
         "`merge_clusters`: `results_merge.md`; effective number of clusters on mixtures: "
         "`results_synthetic.md` (all in this folder).",
@@ -459,6 +469,12 @@ def main() -> None:
         action="store_true",
         help="keep the finished (dataset, seed) tasks logged next to --out and run the rest",
     )
+    parser.add_argument(
+        "--rows-from",
+        default=None,
+        help="task log (.tasks.jsonl) of an earlier run: its rows of the methods not in "
+        "--methods, for the same datasets and seeds, are added to the tables",
+    )
     opts = parser.parse_args()
     opts.moesim_kwargs = json.loads(opts.moesim_kwargs)
     opts.umap_kwargs = json.loads(opts.umap_kwargs)
@@ -494,6 +510,7 @@ def main() -> None:
         print(f"resumed {len(kept)} finished tasks from {log}; {len(tasks)} to run", flush=True)
     elif log is not None:
         log.write_text("")
+    earlier = copied_rows(opts.rows_from, names, opts) if opts.rows_from else []
 
     def collect(done: tuple[int, str, str, list[dict]]) -> None:
         seed, name, note, new_rows = done
@@ -510,7 +527,7 @@ def main() -> None:
     def write() -> None:
         if opts.out and rows:
             in_order = dict(sorted(notes.items(), key=lambda kv: rank[kv[0]]))
-            write_markdown(opts.out, _ordered(rows, rank, opts), in_order, opts)
+            write_markdown(opts.out, _ordered(rows + earlier, rank, opts), in_order, opts)
 
     if opts.jobs == 1:
         for task in tasks:
@@ -524,7 +541,21 @@ def main() -> None:
                 collect(future.result())
     write()  # also when --resume found nothing left to run
     if rows:
-        print(summarise(_ordered(rows, rank, opts)).to_string(index=False))
+        print(summarise(_ordered(rows + earlier, rank, opts)).to_string(index=False))
+
+
+def copied_rows(path: str, names: list[str], opts: argparse.Namespace) -> list[dict]:
+    """Rows of an earlier run's task log for the datasets and seeds of this run, without the
+    methods this run computes itself."""
+    labels = {METHODS[m][0] for m in opts.methods}
+    tasks = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [
+        row
+        for t in tasks
+        if t["name"] in names and t["seed"] in opts.seeds
+        for row in t["rows"]
+        if row["method"] not in labels
+    ]
 
 
 _LOADERS: list = []  # set by main(): one loader per dataset, shared with forked workers
@@ -564,7 +595,8 @@ def _run_task(index: int, seed: int, opts: argparse.Namespace) -> tuple[int, str
 
 def _ordered(rows: list[dict], rank: dict[str, int], opts: argparse.Namespace) -> pd.DataFrame:
     """Rows in the order of the datasets as given, then of the methods, then of the seeds."""
-    method_rank = {METHODS[m][0]: i for i, m in enumerate(opts.methods)}
+    methods = [*opts.methods, *(m for m in ALL_METHODS if m not in opts.methods)]
+    method_rank = {METHODS[m][0]: i for i, m in enumerate(methods)}
     df = pd.DataFrame(rows)
     order = np.lexsort((df["seed"], df["method"].map(method_rank), df["dataset"].map(rank)))
     return df.iloc[order].reset_index(drop=True)
