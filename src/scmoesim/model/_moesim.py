@@ -29,8 +29,9 @@ from ._outputs import OutputsMixin
 
 logger = logging.getLogger(__name__)
 
-#: Defaults without labels or signatures (kNN / graph similarity only), chosen on the
-#: Levine_32dim benchmark (``benchmarks/RESULTS.md``).
+#: Defaults without labels or signatures (kNN / graph similarity only): experts and weight
+#: chosen on Levine_32dim (``benchmarks/results_exploration.md``), the resolution over five
+#: datasets (``benchmarks/results_resolution.md``).
 UNSUPERVISED_N_EXPERTS = 20
 UNSUPERVISED_CLUSTERING_WEIGHT = 4.0
 UNSUPERVISED_RESOLUTION = 4.0
@@ -78,7 +79,8 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
     clustering_weight
         Weight of the clustering loss. ``None`` (default) picks the paper's 0.8 when labels or
         signatures are registered and 4.0 otherwise (kNN or graph similarity only): measured on
-        Levine_32dim, 4.0 raised the Hungarian F1 from 0.73 to 0.82 (``benchmarks/RESULTS.md``).
+        Levine_32dim, 4.0 raised the Hungarian F1 from 0.73 to 0.82
+        (``benchmarks/results_exploration.md``).
     similarity_resolution
         How the similarity loss weighs dissimilar pairs against similar ones, and so how large
         its clusters are. A number ``r``: each known dissimilar pair of a minibatch weighs
@@ -114,7 +116,7 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         (:func:`~scmoesim.similarity.knn_band_similarity`). ``None`` (default): every
         non-neighbour pair is dissimilar (the paper's rule,
         :func:`~scmoesim.similarity.knn_similarity`); on Levine_32dim every fraction tried
-        merged neighbouring populations (``benchmarks/RESULTS.md``).
+        merged neighbouring populations (``benchmarks/results_exploration.md``).
     knn_rule
         How the kNN graph of a minibatch becomes ``S``. ``"knn"`` (default, the paper's rule):
         a pair is similar when one cell is among the other's ``knn_neighbors`` nearest, every
@@ -125,10 +127,10 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         (:func:`~scmoesim.similarity.knn_components_similarity`). ``"mutual_components"``: the
         same on the mutual kNN graph (both cells among each other's neighbours), with pairs
         involving an isolated cell left unknown. ``knn_far_fraction`` and ``knn_threshold``
-        apply to ``"knn"`` only. Measured (``benchmarks/RESULTS.md``): the components merged
-        touching populations (Levine_32dim Hungarian F1 0.17 vs 0.84, MNIST one cluster);
-        on Gaussian mixtures with separate islands, ``"mutual_components"`` found exactly
-        5 / 10 / 15 clusters where ``"knn"`` found 14 / 12 / 19.
+        apply to ``"knn"`` only. Measured (``benchmarks/results_exploration.md``): the
+        components merged touching populations (Levine_32dim Hungarian F1 0.17 vs 0.84, MNIST
+        one cluster); on Gaussian mixtures with separate islands, ``"mutual_components"``
+        found exactly 5 / 10 / 15 clusters where ``"knn"`` found 14 / 12 / 19.
     centre_decay
         Decay of the running EM estimate of the cluster centres per minibatch.
 
