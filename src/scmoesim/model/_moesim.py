@@ -433,7 +433,9 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             ``max_epochs`` counts from the start of the first run. A mismatching model raises
             before training. Combine with ``checkpoint_dir`` to keep writing checkpoints.
         **trainer_kwargs
-            Passed to :class:`scvi.train.Trainer` / Lightning.
+            Passed to :class:`scvi.train.Trainer` / Lightning, except ``datasplitter_kwargs``,
+            which goes to scvi-tools' data splitter (``drop_last`` is ``True`` by default, see
+            ``batch_size``).
 
         Notes
         -----
