@@ -500,8 +500,7 @@ def main() -> None:
     # every finished task also goes to <out>.tasks.jsonl, so --resume can skip it
     log = Path(opts.out).with_suffix(".tasks.jsonl") if opts.out else None
     if opts.resume and log is not None and log.is_file():
-        kept = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        kept = [t for t in kept if t["name"] in names and t["seed"] in opts.seeds]
+        kept = read_task_log(log, names, opts.seeds)
         finished = {(t["name"], t["seed"]) for t in kept}
         tasks = [(i, seed) for i, seed in tasks if (names[i], seed) not in finished]
         for t in kept:
@@ -544,15 +543,19 @@ def main() -> None:
         print(summarise(_ordered(rows + earlier, rank, opts)).to_string(index=False))
 
 
+def read_task_log(path: str | Path, names: list[str], seeds: list[int]) -> list[dict]:
+    """The tasks of a ``.tasks.jsonl`` log whose dataset and seed are among ``names``/``seeds``."""
+    tasks = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [t for t in tasks if t["name"] in names and t["seed"] in seeds]
+
+
 def copied_rows(path: str, names: list[str], opts: argparse.Namespace) -> list[dict]:
     """Rows of an earlier run's task log for the datasets and seeds of this run, without the
     methods this run computes itself."""
     labels = {METHODS[m][0] for m in opts.methods}
-    tasks = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [
         row
-        for t in tasks
-        if t["name"] in names and t["seed"] in opts.seeds
+        for t in read_task_log(path, names, opts.seeds)
         for row in t["rows"]
         if row["method"] not in labels
     ]
