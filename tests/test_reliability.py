@@ -298,6 +298,16 @@ TRAIN_ERRORS = {
         "checkpoint_every_n_epochs must be >= 1",
     ),
     "no-checkpoint": ({"ckpt_path": "missing.ckpt"}, FileNotFoundError, "No checkpoint at"),
+    "similarity-warmup-negative": (
+        {"plan_kwargs": {"n_epochs_similarity_warmup": -1}},
+        ValueError,
+        "n_epochs_similarity_warmup must be a non-negative integer, got -1",
+    ),
+    "similarity-warmup-fraction": (
+        {"plan_kwargs": {"n_epochs_similarity_warmup": 0.25}},
+        ValueError,
+        "n_epochs_similarity_warmup must be a non-negative integer, got 0.25",
+    ),
 }
 
 
@@ -728,3 +738,32 @@ def test_same_seed_same_everything_on_cpu():
     assert not torch.equal(
         a.module.state_dict()["z_mean.weight"], c.module.state_dict()["z_mean.weight"]
     )
+
+
+@pytest.mark.parametrize(("warmup", "epochs_off"), [(None, 1), (0, 0), (3, 3)])
+def test_similarity_warmup_holds_the_clustering_loss_off(adata, warmup, epochs_off):
+    """Default: the first quarter of max_epochs (1 of 4) trains without the clustering loss."""
+    MoESim.setup_anndata(adata, layer="counts", embedding_key="X_pca")
+    model = MoESim(adata, n_experts=3, n_latent=4)
+    plan = {} if warmup is None else {"plan_kwargs": {"n_epochs_similarity_warmup": warmup}}
+    model.train(max_epochs=4, batch_size=32, enable_progress_bar=False, **plan)
+    for key in ("known_pair_fraction_train", "similarity_loss_train", "clustering_loss_train"):
+        values = model.history[key].to_numpy(dtype=float).ravel()
+        assert len(values) == 4
+        assert (values[:epochs_off] == 0).all() and (values[epochs_off:] > 0).all(), key
+    assert (model.history["reconstruction_loss_train"].to_numpy(dtype=float) > 0).all()
+
+
+def test_gate_does_not_train_during_the_similarity_warmup(adata):
+    MoESim.setup_anndata(adata, layer="counts", embedding_key="X_pca")
+    model = MoESim(adata, n_experts=3, n_latent=4)
+    gate = {k: v.clone() for k, v in model.module.state_dict().items() if k.startswith("gate")}
+    encoder = {k: v.clone() for k, v in model.module.encoder.state_dict().items()}
+    train = {"batch_size": 32, "enable_progress_bar": False}
+    model.train(max_epochs=2, plan_kwargs={"n_epochs_similarity_warmup": 2}, **train)
+    after = model.module.state_dict()
+    assert gate and all(torch.equal(after[k], v) for k, v in gate.items())
+    assert any(not torch.equal(model.module.encoder.state_dict()[k], v) for k, v in encoder.items())
+    # once the warm-up is over, the gate learns
+    model.train(max_epochs=1, plan_kwargs={"n_epochs_similarity_warmup": 0}, **train)
+    assert any(not torch.equal(model.module.state_dict()[k], v) for k, v in gate.items())

@@ -20,6 +20,15 @@ from ._likelihoods import expert_heads, make_distribution, reconstruction_nll
 from ._losses import anchor_loss, depict_loss, kl_mixture, kl_paper, similarity_bce
 from ._sampling import sample_sparse_counts, scaled_softmax_
 
+#: Logged terms of the clustering loss (0 while the training plan holds it off).
+_CLUSTERING_METRICS = (
+    "similarity_loss",
+    "depict_loss",
+    "anchor_loss",
+    "clustering_loss",
+    "known_pair_fraction",
+)
+
 
 class MoESimModule(BaseModuleClass):
     """Encoder, gating network and K routed expert decoders (MoE-Sim-VAE).
@@ -332,8 +341,13 @@ class MoESimModule(BaseModuleClass):
         inference_outputs: dict,
         generative_outputs: dict,
         kl_weight: float = 1.0,
+        clustering_scale: float = 1.0,
     ) -> LossOutput:
-        """Eq. 11: reconstruction + pi_1 KL + clustering weight (similarity + pi_2 DEPICT)."""
+        """Eq. 11: reconstruction + pi_1 KL + clustering weight (similarity + pi_2 DEPICT).
+
+        ``clustering_scale`` multiplies the clustering terms; the training plan sets it to 0
+        during the similarity warm-up, when they are not computed at all (and logged as 0).
+        """
         x = tensors[K.X_KEY]
         p = inference_outputs["p"]
         z = inference_outputs["z"]
@@ -346,6 +360,17 @@ class MoESimModule(BaseModuleClass):
             kl = kl_paper(z, p).expand(x.shape[0])
         kl_scaled = kl_weight * self.kl_weight * kl
 
+        if clustering_scale == 0:
+            zero = torch.zeros((), device=x.device)
+            return LossOutput(
+                loss=(rec + kl_scaled).mean(),
+                reconstruction_loss=rec,
+                kl_local=kl_scaled,
+                extra_metrics={
+                    "kl_divergence": kl.mean().detach(),
+                    **dict.fromkeys(_CLUSTERING_METRICS, zero),
+                },
+            )
         if self.depict_weight > 0:
             log_p_noisy = torch.log_softmax(self.gate_logits(z, dropout=True), dim=-1)
             depict = depict_loss(p, log_p_noisy).mean()
@@ -362,7 +387,7 @@ class MoESimModule(BaseModuleClass):
             known = n_pairs / float(max(x.shape[0] * (x.shape[0] - 1), 1))
         # Class codes of the first source (labels, else signatures) index the experts directly.
         anchor = anchor_loss(p, codes[0]) if codes else torch.zeros((), device=x.device)
-        clustering = self.clustering_weight * (
+        clustering = (clustering_scale * self.clustering_weight) * (
             sim + self.depict_weight * depict + self.anchor_weight * anchor
         )
         loss = (rec + kl_scaled).mean() + clustering

@@ -5,6 +5,9 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from scvi.train import TrainingPlan
 
+#: Share of ``max_epochs`` trained without the clustering loss by default.
+SIMILARITY_WARMUP_FRACTION = 0.25
+
 
 class InterruptFlag(Callback):
     """Remembers whether training stopped on a user interrupt (Ctrl-C / KeyboardInterrupt).
@@ -39,12 +42,51 @@ class MoESimTrainingPlan(TrainingPlan):
         A :class:`~scmoesim.module.MoESimModule`.
     n_epochs_kl_warmup
         Epochs over which the KL weight is annealed from 0 (``None``: no annealing).
+    n_epochs_similarity_warmup
+        Epochs at the start of training without the clustering loss (similarity, anchor and
+        DEPICT terms): the encoder and the experts learn the data first, and the gate then
+        meets a latent space that already separates the cells. The gate does not train during
+        these epochs. ``None``: a quarter of the trainer's ``max_epochs``
+        (``scmoesim.train.SIMILARITY_WARMUP_FRACTION``); 0 turns the warm-up off (the
+        paper's schedule).
     **kwargs
         Passed to :class:`~scvi.train.TrainingPlan` (``lr``, ``weight_decay``, ...).
     """
 
-    def __init__(self, module, *, n_epochs_kl_warmup: int | None = None, **kwargs):
+    def __init__(
+        self,
+        module,
+        *,
+        n_epochs_kl_warmup: int | None = None,
+        n_epochs_similarity_warmup: int | None = None,
+        **kwargs,
+    ):
+        if n_epochs_similarity_warmup is not None and (
+            isinstance(n_epochs_similarity_warmup, bool)
+            or not isinstance(n_epochs_similarity_warmup, int)
+            or n_epochs_similarity_warmup < 0
+        ):
+            raise ValueError(
+                "n_epochs_similarity_warmup must be a non-negative integer, got "
+                f"{n_epochs_similarity_warmup!r}."
+            )
         super().__init__(module, n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs)
+        self.n_epochs_similarity_warmup = n_epochs_similarity_warmup
+
+    @property
+    def similarity_warmup_epochs(self) -> int:
+        """Epochs without the clustering loss (the default resolved against ``max_epochs``)."""
+        if self.n_epochs_similarity_warmup is not None:
+            return self.n_epochs_similarity_warmup
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
+        if max_epochs is None or max_epochs < 0:  # no epoch limit: nothing to take a share of
+            return 0
+        return round(SIMILARITY_WARMUP_FRACTION * max_epochs)
+
+    @property
+    def clustering_scale(self) -> float:
+        """0 during the similarity warm-up, else 1."""
+        return 0.0 if self.current_epoch < self.similarity_warmup_epochs else 1.0
 
     @classmethod
     def valid_kwargs(cls) -> set[str]:
@@ -75,6 +117,7 @@ class MoESimTrainingPlan(TrainingPlan):
         """Optimisation step, then the EM update of the centres from this minibatch."""
         if "kl_weight" in self.loss_kwargs:
             self.loss_kwargs.update({"kl_weight": self.kl_weight})
+        self.loss_kwargs["clustering_scale"] = self.clustering_scale
         inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
         self.log(
             "train_loss",
