@@ -85,3 +85,16 @@ def test_model_page_documents_every_parameter(html):
     ]
     missing = [p for p in params if f"`{p}`" not in text]
     assert not missing, f"docs/model.md does not describe {missing}"
+
+
+def test_text_sources_hold_no_control_characters():
+    """A Python string with "\\frac" or "\\text" in it, written unescaped, leaves form feeds
+    and tabs in the page (docs/model.md once rendered its weighted loss as "rac" and "ext")."""
+    control = set("\x08\t\x0b\x0c\r")
+    files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "benchmarks").glob("*.md")]
+    bad = {}
+    for f in files:
+        found = control & set(f.read_text(encoding="utf-8"))
+        if found:
+            bad[f.relative_to(ROOT).as_posix()] = sorted(hex(ord(c)) for c in found)
+    assert len(files) > 10 and not bad, bad
