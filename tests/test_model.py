@@ -371,9 +371,11 @@ def test_paper_options_train(kidney):
         kl="paper",
         depict_weight=1.0,
     )
-    hist = model.history
-    assert np.isfinite(hist["depict_loss_train"].to_numpy(dtype=float)).all()
-    assert (hist["depict_loss_train"].to_numpy(dtype=float) > 0).all()
+    depict = model.history["depict_loss_train"].to_numpy(dtype=float).ravel()
+    warmup = round(SIMILARITY_WARMUP_FRACTION * TRAIN["max_epochs"])
+    assert np.isfinite(depict).all()
+    # held off (and logged as 0) during the similarity warm-up, trained afterwards
+    assert (depict[:warmup] == 0).all() and (depict[warmup:] > 0).all()
     assert model.module.kl == "paper" and model.module.depict_weight == 1.0
     with pytest.raises(ValueError, match="kl must be 'mixture' or 'paper'"):
         MoESim(kidney, kl="vade")
@@ -433,7 +435,8 @@ def test_anchor_pins_each_label_class_to_its_own_expert(pbmc):
     # expert k is named after class k: the anchor fixed the correspondence during training
     assert model.cluster_names_[: len(classes)] == classes
     hist = model.history["anchor_loss_train"].to_numpy().ravel()
-    assert hist[-1] < hist[0]
+    warmup = round(SIMILARITY_WARMUP_FRACTION * 15)  # epochs without the clustering loss
+    assert (hist[:warmup] == 0).all() and hist[-1] < hist[warmup]
 
 
 def test_kl_weight_default_depends_on_the_similarity_source(pbmc):
