@@ -417,11 +417,10 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             Stop on the validation ELBO.
         plan_kwargs
             Keyword arguments of :class:`~scmoesim.train.MoESimTrainingPlan`; unknown names
-            raise before training starts. ``n_epochs_similarity_warmup`` (default: a quarter
-            of ``max_epochs``) holds the clustering loss off at the start, so that the gate
-            learns on a latent space that already separates the cells; without it the gate
-            settles on a few experts early and rarely splits them later (docs/model.md,
-            "Similarity warm-up"). Pass 0 for the paper's schedule.
+            raise before training starts. ``n_epochs_similarity_warmup`` (default 0, the
+            paper's schedule) holds the clustering loss off for that many epochs at the
+            start, so that the gate learns on a latent space that already separates the
+            cells (docs/model.md, "Similarity warm-up").
         checkpoint_dir
             Directory where a Lightning checkpoint ``last.ckpt`` is written every
             ``checkpoint_every_n_epochs`` epochs and after the last epoch (written under a

@@ -5,8 +5,10 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from scvi.train import TrainingPlan
 
-#: Share of ``max_epochs`` trained without the clustering loss by default.
-SIMILARITY_WARMUP_FRACTION = 0.25
+#: Share of ``max_epochs`` trained without the clustering loss by default: 0, the paper's
+#: schedule (a quarter helped mixtures but lowered Levine_32dim, pbmc68k_reduced and MNIST;
+#: ``benchmarks/results_warmup.md``).
+SIMILARITY_WARMUP_FRACTION = 0.0
 
 
 class InterruptFlag(Callback):
@@ -46,9 +48,10 @@ class MoESimTrainingPlan(TrainingPlan):
         Epochs at the start of training without the clustering loss (similarity, anchor and
         DEPICT terms): the encoder and the experts learn the data first, and the gate then
         meets a latent space that already separates the cells. The gate does not train during
-        these epochs. ``None``: a quarter of the trainer's ``max_epochs``
-        (``scmoesim.train.SIMILARITY_WARMUP_FRACTION``); 0 turns the warm-up off (the
-        paper's schedule).
+        these epochs. ``None``: ``scmoesim.train.SIMILARITY_WARMUP_FRACTION``
+        (0) times the trainer's ``max_epochs``, i.e. no warm-up (the paper's schedule);
+        ``max_epochs // 4`` helps on well-separated mixtures
+        (``benchmarks/results_warmup.md``).
     **kwargs
         Passed to :class:`~scvi.train.TrainingPlan` (``lr``, ``weight_decay``, ...).
     """
