@@ -20,15 +20,6 @@ from ._likelihoods import expert_heads, make_distribution, reconstruction_nll
 from ._losses import anchor_loss, depict_loss, kl_mixture, kl_paper, similarity_bce
 from ._sampling import sample_sparse_counts, scaled_softmax_
 
-#: Logged terms of the clustering loss (0 while the training plan holds it off).
-_CLUSTERING_METRICS = (
-    "similarity_loss",
-    "depict_loss",
-    "anchor_loss",
-    "clustering_loss",
-    "known_pair_fraction",
-)
-
 
 class MoESimModule(BaseModuleClass):
     """Encoder, gating network and K routed expert decoders (MoE-Sim-VAE).
@@ -360,33 +351,10 @@ class MoESimModule(BaseModuleClass):
             kl = kl_paper(z, p).expand(x.shape[0])
         kl_scaled = kl_weight * self.kl_weight * kl
 
-        if clustering_scale == 0:
-            zero = torch.zeros((), device=x.device)
-            return LossOutput(
-                loss=(rec + kl_scaled).mean(),
-                reconstruction_loss=rec,
-                kl_local=kl_scaled,
-                extra_metrics={
-                    "kl_divergence": kl.mean().detach(),
-                    **dict.fromkeys(_CLUSTERING_METRICS, zero),
-                },
-            )
-        if self.depict_weight > 0:
-            log_p_noisy = torch.log_softmax(self.gate_logits(z, dropout=True), dim=-1)
-            depict = depict_loss(p, log_p_noisy).mean()
-        else:  # skip the noisy pass; still report the term for the record
-            with torch.no_grad():
-                depict = depict_loss(p, torch.log(p.clamp_min(1e-12))).mean()
-        codes = self.known_classes(tensors, inference_outputs["library"])
-        sim_mask = self.minibatch_similarity(tensors, codes=codes)
-        if sim_mask is None:
-            sim = torch.zeros((), device=x.device)
-            known = torch.zeros((), device=x.device)
+        if clustering_scale == 0:  # similarity warm-up: nothing to compute
+            sim = depict = anchor = known = torch.zeros((), device=x.device)
         else:
-            sim, n_pairs = similarity_bce(p, *sim_mask, resolution=self.similarity_resolution)
-            known = n_pairs / float(max(x.shape[0] * (x.shape[0] - 1), 1))
-        # Class codes of the first source (labels, else signatures) index the experts directly.
-        anchor = anchor_loss(p, codes[0]) if codes else torch.zeros((), device=x.device)
+            sim, depict, anchor, known = self._clustering_terms(tensors, inference_outputs)
         clustering = (clustering_scale * self.clustering_weight) * (
             sim + self.depict_weight * depict + self.anchor_weight * anchor
         )
@@ -404,6 +372,30 @@ class MoESimModule(BaseModuleClass):
                 "known_pair_fraction": known.detach(),
             },
         )
+
+    def _clustering_terms(
+        self, tensors: dict[str, torch.Tensor], inference_outputs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Similarity, DEPICT and anchor losses of a minibatch, and its known pair fraction."""
+        x = tensors[K.X_KEY]
+        p = inference_outputs["p"]
+        if self.depict_weight > 0:
+            noisy = self.gate_logits(inference_outputs["z"], dropout=True)
+            depict = depict_loss(p, torch.log_softmax(noisy, dim=-1)).mean()
+        else:  # skip the noisy pass; still report the term for the record
+            with torch.no_grad():
+                depict = depict_loss(p, torch.log(p.clamp_min(1e-12))).mean()
+        codes = self.known_classes(tensors, inference_outputs["library"])
+        sim_mask = self.minibatch_similarity(tensors, codes=codes)
+        if sim_mask is None:
+            sim = torch.zeros((), device=x.device)
+            known = torch.zeros((), device=x.device)
+        else:
+            sim, n_pairs = similarity_bce(p, *sim_mask, resolution=self.similarity_resolution)
+            known = n_pairs / float(max(x.shape[0] * (x.shape[0] - 1), 1))
+        # Class codes of the first source (labels, else signatures) index the experts directly.
+        anchor = anchor_loss(p, codes[0]) if codes else torch.zeros((), device=x.device)
+        return sim, depict, anchor, known
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -5,11 +5,6 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from scvi.train import TrainingPlan
 
-#: Share of ``max_epochs`` trained without the clustering loss by default: 0, the paper's
-#: schedule (a quarter helped mixtures but lowered Levine_32dim, pbmc68k_reduced and MNIST;
-#: ``benchmarks/results_warmup.md``).
-SIMILARITY_WARMUP_FRACTION = 0.0
-
 
 class InterruptFlag(Callback):
     """Remembers whether training stopped on a user interrupt (Ctrl-C / KeyboardInterrupt).
@@ -48,10 +43,9 @@ class MoESimTrainingPlan(TrainingPlan):
         Epochs at the start of training without the clustering loss (similarity, anchor and
         DEPICT terms): the encoder and the experts learn the data first, and the gate then
         meets a latent space that already separates the cells. The gate does not train during
-        these epochs. ``None``: ``scmoesim.train.SIMILARITY_WARMUP_FRACTION``
-        (0) times the trainer's ``max_epochs``, i.e. no warm-up (the paper's schedule);
-        ``max_epochs // 4`` helps on well-separated mixtures
-        (``benchmarks/results_warmup.md``).
+        these epochs. 0 (default): no warm-up, the paper's schedule. ``max_epochs // 4``
+        helped on well-separated mixtures but lowered Levine_32dim, pbmc68k_reduced and
+        MNIST (``benchmarks/results_warmup.md``).
     **kwargs
         Passed to :class:`~scvi.train.TrainingPlan` (``lr``, ``weight_decay``, ...).
     """
@@ -61,10 +55,10 @@ class MoESimTrainingPlan(TrainingPlan):
         module,
         *,
         n_epochs_kl_warmup: int | None = None,
-        n_epochs_similarity_warmup: int | None = None,
+        n_epochs_similarity_warmup: int = 0,
         **kwargs,
     ):
-        if n_epochs_similarity_warmup is not None and (
+        if (
             isinstance(n_epochs_similarity_warmup, bool)
             or not isinstance(n_epochs_similarity_warmup, int)
             or n_epochs_similarity_warmup < 0
@@ -77,19 +71,9 @@ class MoESimTrainingPlan(TrainingPlan):
         self.n_epochs_similarity_warmup = n_epochs_similarity_warmup
 
     @property
-    def similarity_warmup_epochs(self) -> int:
-        """Epochs without the clustering loss (the default resolved against ``max_epochs``)."""
-        if self.n_epochs_similarity_warmup is not None:
-            return self.n_epochs_similarity_warmup
-        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
-        if max_epochs is None or max_epochs < 0:  # no epoch limit: nothing to take a share of
-            return 0
-        return round(SIMILARITY_WARMUP_FRACTION * max_epochs)
-
-    @property
     def clustering_scale(self) -> float:
         """0 during the similarity warm-up, else 1."""
-        return 0.0 if self.current_epoch < self.similarity_warmup_epochs else 1.0
+        return 0.0 if self.current_epoch < self.n_epochs_similarity_warmup else 1.0
 
     @classmethod
     def valid_kwargs(cls) -> set[str]:
