@@ -409,7 +409,8 @@ def write_markdown(path: str, df: pd.DataFrame, notes: dict, opts) -> None:
         ),
         "How the defaults were chosen, ablations and earlier runs: `results_exploration.md`; "
         "`merge_clusters`: `results_merge.md`; effective number of clusters on mixtures: "
-        "`results_synthetic.md` (all in this folder).",
+        "`results_synthetic_resolution.md` (with the similarity warm-up: "
+        "`results_synthetic_warmup.md`; all in this folder).",
         "",
         "## Floors (issue 3)",
         "",

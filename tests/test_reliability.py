@@ -291,6 +291,21 @@ def test_model_rejects_bad_input(adata, change, setup, model_kwargs, message):
 
 TRAIN_ERRORS = {
     "plan-kwargs-typo": ({"plan_kwargs": {"weight_decy": 0.1}}, TypeError, r"\['weight_decy'\]"),
+    "plan-kwargs-not-a-dict": (
+        {"plan_kwargs": ["lr", 0.1]},
+        TypeError,
+        r"plan_kwargs must be a dict of keyword arguments, got \['lr', 0.1\]",
+    ),
+    "datasplitter-kwargs-not-a-dict": (
+        {"datasplitter_kwargs": False},
+        TypeError,
+        "datasplitter_kwargs must be a dict of keyword arguments, got False",
+    ),
+    "datasplitter-kwargs-non-string-key": (
+        {"datasplitter_kwargs": {1: True}},
+        TypeError,
+        r"datasplitter_kwargs keys must be argument names \(strings\), got \[1\]",
+    ),
     "batch-size-1": ({"batch_size": 1}, ValueError, "batch_size must be an integer >= 2"),
     "checkpoint-every-0": (
         {"checkpoint_dir": "unused", "checkpoint_every_n_epochs": 0},

@@ -461,7 +461,7 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         recorded in ``model.history`` (``reconstruction_loss_train``, ``similarity_loss_train``,
         ``depict_loss_train``, ``kl_divergence_train``, ...).
         """
-        plan_kwargs = dict(plan_kwargs or {})
+        plan_kwargs = V.as_kwargs(plan_kwargs, "plan_kwargs")
         unknown = sorted(set(plan_kwargs) - MoESimTrainingPlan.valid_kwargs())
         if unknown:
             raise TypeError(
@@ -471,7 +471,9 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         if not isinstance(batch_size, int) or batch_size < 2:
             raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}.")
         V.check_enough_cells(self.adata.n_obs, train_size)
-        datasplitter_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
+        datasplitter_kwargs = V.as_kwargs(
+            trainer_kwargs.pop("datasplitter_kwargs", None), "datasplitter_kwargs"
+        )
         datasplitter_kwargs.setdefault("drop_last", True)
         if datasplitter_kwargs["drop_last"]:
             # one full minibatch when the training split is smaller than batch_size

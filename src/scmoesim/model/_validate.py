@@ -1,5 +1,7 @@
 """Checks run before anything is registered or trained; each error names the problem."""
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 from anndata import AnnData
@@ -195,6 +197,18 @@ def check_resolution(value) -> None:
         raise ValueError(
             f"similarity_resolution must be a positive number or 'paper', got {value!r}."
         )
+
+
+def as_kwargs(value, name: str) -> dict:
+    """A copy of a keyword-argument mapping (``None`` is empty); anything else raises."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict of keyword arguments, got {value!r}.")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"{name} keys must be argument names (strings), got {bad!r}.")
+    return dict(value)
 
 
 def n_train_cells(n_obs: int, train_size: float | None) -> int:
