@@ -5,6 +5,7 @@ machine, mostly process start-up and imports; up to 100 s when the machine is lo
 """
 
 import os
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -117,3 +118,36 @@ def test_train_with_ddp_spawn_keeps_ranks_in_sync(tmp_path):
     alone._em_update({"p": p[:25], "z": z[:25]})
     alone._em_update({"p": p[:25].flip(1), "z": z[:25] * 2})
     assert not torch.allclose(alone.module.centres, em[0])  # the all-reduce did the work
+
+
+def test_ddp_batch_size_fits_the_cells_of_each_process():
+    """40 cells over 2 processes, batch_size 32: each process gets one minibatch of 20.
+
+    Without the cap each process's 20 cells would make no full minibatch of 32 (the last
+    incomplete one is dropped) and no step would run.
+    """
+    rng = np.random.default_rng(1)
+    n, g = 40, 12
+    adata = ad.AnnData(
+        rng.poisson(2.0, (n, g)).astype(np.float32),
+        obs=pd.DataFrame(
+            {"type": rng.integers(0, 2, n).astype(str)}, index=[f"c{i}" for i in range(n)]
+        ),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(g)]),
+    )
+    scmoesim.MoESim.setup_anndata(adata, labels_key="type")
+    scvi.settings.seed = 0
+    model = scmoesim.MoESim(adata, n_experts=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model.train(
+            max_epochs=2,
+            batch_size=32,
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp_spawn",
+            train_size=1.0,
+            enable_progress_bar=False,
+        )
+    assert not [w for w in record if "No training step ran" in str(w.message)]
+    assert len(model.history["elbo_train"]) == 2

@@ -373,6 +373,47 @@ def test_training_minibatches_are_full(adata, kwargs, sizes):
     assert sorted(seen) == sorted(sizes)
 
 
+def _no_step_warnings(record) -> list:
+    return [w for w in record if "No training step ran" in str(w.message)]
+
+
+def test_train_warns_when_no_step_ran(adata):
+    MoESim.setup_anndata(adata, layer="counts", embedding_key="X_pca")
+    model = MoESim(adata, n_experts=3, n_latent=4)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    with pytest.warns(UserWarning, match="No training step ran: this call left the weights"):
+        model.train(max_epochs=1, limit_train_batches=0, enable_progress_bar=False)
+    after = model.module.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not model.is_trained_  # an untrained model stays untrained
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model.train(max_epochs=1, enable_progress_bar=False)
+    assert not _no_step_warnings(record)
+    assert model.is_trained_ and len(model.history["elbo_train"]) == 1
+    # a second call that runs no step warns too, although the history holds the first one's
+    with pytest.warns(UserWarning, match="No training step ran"):
+        model.train(max_epochs=1, limit_train_batches=0, enable_progress_bar=False)
+
+
+@pytest.mark.parametrize(
+    ("devices", "num_nodes", "expected"),
+    [
+        (2, 1, 2),
+        ([0, 1, 2], 1, 3),
+        ("2", 1, 2),
+        (2, 3, 6),
+        ("auto", 1, 1),
+        (-1, 1, 1),
+        (True, 1, 1),
+    ],
+)
+def test_processes_from_devices(devices, num_nodes, expected):
+    from scmoesim.model._validate import n_processes
+
+    assert n_processes(devices, num_nodes) == expected
+
+
 @pytest.fixture(scope="module")
 def trained_model():
     adata = make_adata()

@@ -403,7 +403,9 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             left over would call every pair similar and, one step in four on an 865-cell
             dataset, pull all cells towards one expert. Pass
             ``datasplitter_kwargs={"drop_last": False}`` to keep it. When the training split
-            is smaller than ``batch_size``, it is one minibatch of all its cells.
+            (per process, with several ``devices``) is smaller than ``batch_size``, it is one
+            minibatch of all its cells. A call in which no training step runs warns and
+            leaves the model as it was.
         lr
             Adam learning rate (paper: 1e-3).
         accelerator, devices
@@ -476,8 +478,10 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         )
         datasplitter_kwargs.setdefault("drop_last", True)
         if datasplitter_kwargs["drop_last"]:
-            # one full minibatch when the training split is smaller than batch_size
-            batch_size = min(batch_size, V.n_train_cells(self.adata.n_obs, train_size))
+            # one full minibatch when the training split (per process) is smaller than batch_size
+            n_procs = V.n_processes(devices, trainer_kwargs.get("num_nodes", 1))
+            per_process = -(-V.n_train_cells(self.adata.n_obs, train_size) // n_procs)
+            batch_size = max(2, min(batch_size, per_process))
         plan_kwargs.setdefault("lr", lr)
         trainer_kwargs.setdefault("check_val_every_n_epoch", None)
         flag = InterruptFlag()
@@ -489,6 +493,7 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         if checkpoint_dir is not None or ckpt_path is not None:
             callbacks.append(PeriodicCheckpoint(checkpoint_dir, checkpoint_every_n_epochs))
         trainer_kwargs["callbacks"] = callbacks
+        rows, was_trained = _history_rows(self.history_), self.is_trained_
         try:
             super().train(
                 max_epochs=max_epochs,
@@ -514,6 +519,19 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             )
             self.module.eval()
             self.is_trained_ = True
+        if not flag.interrupted and max_epochs != 0 and _history_rows(self.history_) == rows:
+            # a model that was untrained stays untrained, so the next call starts a fresh history
+            # (scvi-tools only extends the metrics a trained model already has)
+            self.is_trained_ = was_trained
+            warnings.warn(
+                "No training step ran: this call left the weights unchanged. The training split "
+                f"gave no minibatch of batch_size={batch_size} (cells are split over the "
+                "processes with several devices; the last incomplete minibatch is dropped), "
+                "or the trainer was told to skip training (limit_train_batches=0).",
+                UserWarning,
+                stacklevel=2,
+            )
+            return  # unchanged weights: the summary of the last training still holds
         self._summarise_training_data()
 
     # ------------------------------------------------------------------ persistence
@@ -620,3 +638,8 @@ def _warn_overlapping_genes(signatures: dict[str, list[str]]) -> None:
                     stacklevel=3,
                 )
             seen.setdefault(g, name)
+
+
+def _history_rows(history: dict | None) -> int:
+    """Logged rows over every metric of ``model.history`` (grows when a training step ran)."""
+    return sum(len(v) for v in (history or {}).values())

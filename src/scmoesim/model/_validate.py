@@ -211,6 +211,22 @@ def as_kwargs(value, name: str) -> dict:
     return dict(value)
 
 
+def n_processes(devices, num_nodes=1) -> int:
+    """Training processes for Lightning's ``devices`` when it says (else 1: a single process)."""
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, bool):
+        return 1
+    if isinstance(devices, int | np.integer) and devices > 0:
+        n = int(devices)
+    elif isinstance(devices, list | tuple):
+        n = max(len(devices), 1)
+    else:
+        return 1  # "auto" or -1: Lightning decides; train() warns if no step ran
+    nodes = num_nodes if isinstance(num_nodes, int | np.integer) and num_nodes > 0 else 1
+    return n * int(nodes)
+
+
 def n_train_cells(n_obs: int, train_size: float | None) -> int:
     """Cells in the training split, as scvi-tools' data splitter counts them (default 90%)."""
     return int(np.ceil(n_obs * (0.9 if train_size is None else train_size)))
