@@ -86,6 +86,41 @@ def kidney_model(cache: Path, seed: int, epochs: int | None, **model_kwargs):
     return model, adata
 
 
+def umi_like_model(cache: Path, seed: int, epochs: int = 20):
+    """A model of UMI-like synthetic counts, trained once and cached (for the throughput part).
+
+    ``_synthetic.py``'s NB counts: 10,000 cells x 2,000 genes in 10 groups, about 12% non-zero
+    and a median library of about 500, the depth of droplet (10x) data. Trained with the group
+    labels as similarity (fast; the generation speed depends on the decoder, the density and
+    the means, not on the similarity source), ``n_experts=10``, other settings default.
+    """
+    from _synthetic import SyntheticCounts
+
+    adata = SyntheticCounts(n_genes=2000, n_types=10, seed=seed).anndata(10_000)
+    scvi.settings.seed = seed
+    scmoesim.MoESim.setup_anndata(adata, labels_key="type")
+    settings = model_settings(n_experts=10)
+    digest = hashlib.sha1(repr(sorted(settings.items())).encode())
+    path = cache / f"umi_like_seed{seed}_epochs{epochs}_{digest.hexdigest()[:8]}"
+    if (path / "model.pt").is_file():
+        return scmoesim.MoESim.load(str(path), adata=adata), adata
+    model = scmoesim.MoESim(adata, n_experts=10)
+    model.train(max_epochs=epochs, enable_progress_bar=False)
+    model.save(str(path), overwrite=True)
+    return model, adata
+
+
+def speed_table(model, adata, n_cells: int, threads: list[int], seed: int) -> pd.DataFrame:
+    """``throughput`` twice per thread count, with the real data's density and library size."""
+    x = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    rows = [throughput(model, n_cells, t, seed) for t in threads for _ in range(2)]
+    set_threads(1)
+    table = pd.DataFrame(rows)
+    table["real non-zero fraction"] = x.nnz / (x.shape[0] * x.shape[1])
+    table["real median library"] = float(np.median(np.asarray(x.sum(1)).ravel()))
+    return table
+
+
 def lognorm(x) -> np.ndarray:
     """log1p(1e4 x / total), dense float64."""
     x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
@@ -521,12 +556,20 @@ def main() -> None:
         default=["likelihood=zinb", "dispersion=gene-expert"],
         help="model settings to compare for realism, e.g. likelihood=zinb",
     )
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only the throughput of the kidney model and of a UMI-like model",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     set_threads(1)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    if args.speed_only:
+        speed_only(args, cache, t_start)
+        return
 
     model, adata = kidney_model(cache, args.seed, args.epochs)
     ablation, adata_abl = kidney_model(cache, args.seed, args.epochs, clustering_weight=0.0)
@@ -578,9 +621,11 @@ def main() -> None:
 
     prof = pd.DataFrame(profile_chunk(model, 2048, args.seed)).T
     print(prof.round(4).to_string(), flush=True)
-    speed = pd.DataFrame([throughput(model, args.speed_cells, t, args.seed) for t in args.threads])
-    set_threads(1)
+    speed = speed_table(model, adata, args.speed_cells, args.threads, args.seed)
     print(speed.round(2).to_string(), flush=True)
+    umi_model, umi_adata = umi_like_model(cache, args.seed)
+    umi_speed = speed_table(umi_model, umi_adata, args.speed_cells, args.threads, args.seed)
+    print(umi_speed.round(2).to_string(), flush=True)
     mem = pd.DataFrame(
         [
             peak_memory(cache, n, to_file, args.memory_tmp)
@@ -619,11 +664,41 @@ def main() -> None:
         + rej.round(5).to_markdown(index=False)
         + "\n\n## Where generation time goes (1 thread, chunks of 2,048 cells)\n\n"
         + prof.round(4).to_markdown()
-        + "\n\n## Throughput of generate (store_mean=False)\n\n"
-        + speed.round(2).to_markdown(index=False)
+        + "\n\n"
+        + _speed_section(speed, umi_speed)
         + "\n\n## Peak memory (fresh process, 1 thread, store_mean=False)\n\n"
         + (mem.round(1).to_markdown(index=False) if len(mem) else "not run")
         + "\n"
+    )
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+def _speed_section(speed: pd.DataFrame, umi_speed: pd.DataFrame) -> str:
+    return (
+        "## Throughput of generate (store_mean=False, two runs per thread count)\n\n"
+        "Kidney model (Smart-seq2 depth):\n\n"
+        + speed.round(2).to_markdown(index=False)
+        + "\n\nUMI-like model (`umi_like_model`: synthetic NB counts at droplet depth):\n\n"
+        + umi_speed.round(2).to_markdown(index=False)
+        + "\n"
+    )
+
+
+def speed_only(args, cache: Path, t_start: float) -> None:
+    """``--speed-only``: the throughput tables alone."""
+    model, adata = kidney_model(cache, args.seed, args.epochs)
+    umi_model, umi_adata = umi_like_model(cache, args.seed)
+    speed = speed_table(model, adata, args.speed_cells, args.threads, args.seed)
+    umi_speed = speed_table(umi_model, umi_adata, args.speed_cells, args.threads, args.seed)
+    cmd = "python benchmarks/generation.py " + " ".join(sys.argv[1:])
+    text = (
+        "# Generation throughput\n\n"
+        f"Command: `{cmd}`\n\n"
+        f"Environment: {environment()}\n\n"
+        f"Total run time: {(time.time() - t_start) / 60:.1f} min (cached models are reused).\n\n"
+        + _speed_section(speed, umi_speed)
     )
     print(text)
     if args.out:
