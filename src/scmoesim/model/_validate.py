@@ -215,6 +215,8 @@ def n_processes(devices, num_nodes=1) -> int:
     """Training processes for Lightning's ``devices`` when it says (else 1: a single process)."""
     if isinstance(devices, str) and devices.strip().isdigit():
         devices = int(devices)
+    elif isinstance(devices, str) and "," in devices:  # device indices, e.g. "0,1"
+        devices = [d for d in devices.split(",") if d.strip()]
     if isinstance(devices, bool):
         return 1
     if isinstance(devices, int | np.integer) and devices > 0:
