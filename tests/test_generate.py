@@ -206,6 +206,66 @@ def test_temperature_zero_decodes_the_centre(model):
         model.generate(5, temperature=-1.0)
 
 
+def test_latent_moments_streamed_and_shrunk():
+    from scmoesim.model._latent import LatentMoments
+
+    rng = np.random.default_rng(0)
+    d = 3
+    z = rng.normal(size=(40, d)) @ np.array([[2.0, 0, 0], [1.5, 0.5, 0], [0, 0, 0.2]]) + 5
+    v = rng.uniform(0.1, 0.3, size=(40, d))
+    expert = np.r_[np.zeros(30, int), np.ones(3, int), np.full(7, 3)]
+    expert[-1] = 2  # expert 2 holds a single cell
+    acc = LatentMoments(n_experts=4, n_latent=d)
+    for part in (slice(0, 11), slice(11, 40)):  # two minibatches
+        acc.add(expert[part], z[part], v[part])
+    centres = np.arange(4 * d, dtype=float).reshape(4, d)
+    loc, tril = acc.fit(centres)
+    assert loc.dtype == np.float32 and loc.shape == (4, d) and tril.shape == (4, d, d)
+    # expert 0: 30 cells > 3 dimensions, shrinkage 3/30 of the way to the diagonal
+    cov = np.cov(z[:30].T) + np.diag(v[:30].mean(0))
+    cov = 0.9 * cov + 0.1 * np.diag(np.diag(cov))
+    np.testing.assert_allclose(loc[0], z[:30].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(tril[0] @ tril[0].T, cov, rtol=1e-5)
+    assert abs(cov[0, 1]) > 0.3  # the correlated directions are kept (0.75 before shrinkage)
+    # expert 1: 3 cells, not more than the dimensions: diagonal
+    var = z[30:33].var(0, ddof=1) + v[30:33].mean(0)
+    np.testing.assert_allclose(tril[1], np.diag(np.sqrt(var)), rtol=1e-5)
+    # expert 3: six cells, half-way to the diagonal; expert 2 (one cell) keeps the prior
+    cov3 = np.cov(z[33:39].T) + np.diag(v[33:39].mean(0))
+    cov3 = 0.5 * cov3 + 0.5 * np.diag(np.diag(cov3))
+    np.testing.assert_allclose(tril[3] @ tril[3].T, cov3, rtol=1e-5)
+    np.testing.assert_array_equal(loc[2], centres[2])
+    np.testing.assert_array_equal(tril[2], np.eye(d))
+    acc_empty = LatentMoments(n_experts=2, n_latent=d)
+    loc_e, tril_e = acc_empty.fit(centres[:2])
+    np.testing.assert_array_equal(loc_e, centres[:2])
+    np.testing.assert_array_equal(tril_e, np.tile(np.eye(d), (2, 1, 1)))
+
+
+def test_latent_fitted_or_prior(model):
+    fitted = model.generate({"leukocyte": 50}, temperature=0.0, seed=1, batch="M")
+    prior = model.generate({"leukocyte": 50}, temperature=0.0, seed=1, batch="M", latent="prior")
+    assert fitted.uns["moesim_generate"]["latent"] == "fitted"
+    assert prior.uns["moesim_generate"]["latent"] == "prior"
+    # temperature 0 decodes the centre: the fitted mean of the cluster's cells, not mu_k
+    k = model.cluster_names_.index("leukocyte")
+    assert not np.allclose(model.latent_loc_[k], model.module.centres[k].detach().numpy())
+    f, p = (x / x.sum(1, keepdims=True) for x in (fitted.layers["mean"], prior.layers["mean"]))
+    np.testing.assert_allclose(f, f[:1].repeat(len(f), 0), rtol=1e-4, atol=1e-7)
+    assert not np.allclose(f[0], p[0], rtol=1e-3)
+    with pytest.raises(ValueError, match="latent must be 'fitted' or 'prior', got 'gmm'"):
+        model.generate(5, latent="gmm")
+
+
+def test_model_without_fitted_latent_falls_back_to_the_prior(model, monkeypatch):
+    monkeypatch.setattr(model, "latent_loc_", None)
+    with pytest.warns(UserWarning, match="no fitted latent distributions"):
+        old = model.generate(40, seed=3)
+    prior = model.generate(40, seed=3, latent="prior")
+    assert old.uns["moesim_generate"]["latent"] == "prior"
+    assert (old.X != prior.X).nnz == 0
+
+
 def test_seed_chunks_and_store_mean(model):
     a = model.generate(300, seed=4, chunk_size=64)
     b = model.generate(300, seed=4, chunk_size=64, store_mean=False)

@@ -251,3 +251,20 @@ def test_streamed_training_summary_equals_the_per_cell_computation():
     np.testing.assert_allclose(
         model.library_quantiles_, _outputs._library_quantiles(out, 5, 2), equal_nan=True
     )
+    # the fitted latent distributions, from the per-cell posterior means and variances
+    full = model._pass(variance=True, batch_size=7)
+    centres = model.module.centres.detach().numpy()
+    for k in range(5):
+        rows = full["expert"] == k
+        n, d = int(rows.sum()), 4
+        if n < 2:  # the prior
+            np.testing.assert_allclose(model.latent_loc_[k], centres[k], rtol=1e-6)
+            np.testing.assert_array_equal(model.latent_scale_tril_[k], np.eye(d))
+            continue
+        cov = np.cov(full["z"][rows].T.astype(np.float64)) + np.diag(full["qz_v"][rows].mean(0))
+        shrink = min(1.0, d / n)
+        cov = (1 - shrink) * cov + shrink * np.diag(np.diag(cov))
+        chol = model.latent_scale_tril_[k].astype(np.float64)
+        np.testing.assert_allclose(model.latent_loc_[k], full["z"][rows].mean(0), atol=1e-5)
+        np.testing.assert_allclose(chol @ chol.T, cov, rtol=1e-4, atol=1e-6)
+        assert np.allclose(chol, np.tril(chol))

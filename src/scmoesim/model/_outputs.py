@@ -11,6 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from scmoesim import _constants as K
 
 from ._io import check_query
+from ._latent import LatentMoments
 
 _N_QUANTILES = 101
 
@@ -39,11 +40,12 @@ class OutputsMixin:
         batch_size: int | None = None,
         give_mean: bool = True,
         reference: bool = False,
+        variance: bool = False,
     ) -> Iterator[dict[str, np.ndarray]]:
         """One pass over the data, minibatch by minibatch.
 
         Yields per-minibatch arrays: latent, gate probabilities, expert, library, batch (and,
-        with ``reference``, class codes).
+        with ``reference``, class codes; with ``variance``, the posterior variances ``qz_v``).
         """
         self._check_if_trained(warn=False)
         self.module.eval()
@@ -59,6 +61,8 @@ class OutputsMixin:
                 parts["batch"] = tensors[K.BATCH_KEY].reshape(-1)
             if reference:
                 parts["reference"] = self._reference_codes(tensors, inf["library"])
+            if variance:
+                parts["qz_v"] = inf["qz_v"]
             yield {key: value.detach().cpu().numpy() for key, value in parts.items()}
 
     def _pass(
@@ -68,10 +72,11 @@ class OutputsMixin:
         batch_size: int | None = None,
         give_mean: bool = True,
         reference: bool = False,
+        variance: bool = False,
     ) -> dict[str, np.ndarray]:
         """:meth:`_iter_pass` concatenated over all cells."""
         out: dict[str, list[np.ndarray]] = {}
-        for part in self._iter_pass(adata, indices, batch_size, give_mean, reference):
+        for part in self._iter_pass(adata, indices, batch_size, give_mean, reference, variance):
             for key, value in part.items():
                 out.setdefault(key, []).append(value)
         return {k: np.concatenate(v) for k, v in out.items()}
@@ -255,9 +260,10 @@ class OutputsMixin:
         """Name the clusters and record per-expert statistics of the training cells.
 
         Streams over the cells and keeps per-expert aggregates only (usage, the gate mass of
-        each class on each expert, cells per expert and batch), plus the library size, expert
-        and batch of each cell for the exact library quantiles (about 8 bytes a cell, instead
-        of the ``(n, K)`` probabilities and ``(n, n_latent)`` latent of a full pass).
+        each class on each expert, cells per expert and batch, the moments of the latent
+        posteriors for ``generate(latent="fitted")``), plus the library size, expert and batch
+        of each cell for the exact library quantiles (about 8 bytes a cell, instead of the
+        ``(n, K)`` probabilities and ``(n, n_latent)`` latent of a full pass).
         """
         n_exp = self.module.n_experts
         n_batch = self.summary_stats.n_batch
@@ -269,10 +275,12 @@ class OutputsMixin:
         n_obs = self.adata.n_obs
         code = np.min_scalar_type(max(n_exp, n_batch, 1))
         out = {"expert": np.empty(n_obs, code), "batch": np.zeros(n_obs, code)}
+        moments = LatentMoments(n_exp, self.module.n_latent)
         start = 0
-        for part in self._iter_pass(reference=True):
+        for part in self._iter_pass(reference=True, variance=True):
             stop = start + part["expert"].shape[0]
             usage += np.bincount(part["expert"], minlength=n_exp)
+            moments.add(part["expert"], part["z"], part["qz_v"])
             _add_class_mass(mass, part["p"], part["reference"])
             out["expert"][start:stop] = part["expert"]
             if "batch" in part:
@@ -288,6 +296,8 @@ class OutputsMixin:
         self.library_quantiles_ = (
             _library_quantiles(out, n_exp, n_batch) if "library" in out else None
         )
+        centres = self.module.centres.detach().cpu().numpy()
+        self.latent_loc_, self.latent_scale_tril_ = moments.fit(centres)
 
 
 def _n_clusters(usage: pd.Series, min_cells: int) -> int:

@@ -407,8 +407,12 @@ class MoESimModule(BaseModuleClass):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         with_mean: bool = True,
+        loc: torch.Tensor | None = None,
+        scale_tril: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Generate cells: ``z ~ N(mu_k, temperature^2 I)`` decoded by expert ``k``.
+
+        With ``loc`` and ``scale_tril``: ``z ~ N(loc_k, temperature^2 L_k L_k^T)`` instead.
 
         Parameters
         ----------
@@ -425,6 +429,9 @@ class MoESimModule(BaseModuleClass):
         with_mean
             Return ``"mean"`` (``False`` saves its computation for ``zinb``, where it is not
             the decoder's mean itself; ``"mean"`` is then ``None``).
+        loc, scale_tril
+            ``(K, n_latent)`` means and ``(K, n_latent, n_latent)`` lower Cholesky factors of
+            the latent distribution of each expert (``None``: the prior, ``mu_k`` and ``I``).
 
         Returns
         -------
@@ -438,7 +445,9 @@ class MoESimModule(BaseModuleClass):
         noise = torch.randn(
             expert.shape[0], self.n_latent, device=expert.device, generator=generator
         )
-        z = self.centres[expert] + temperature * noise
+        if scale_tril is not None:
+            noise = torch.bmm(scale_tril[expert], noise[:, :, None])[:, :, 0]
+        z = (self.centres if loc is None else loc)[expert] + temperature * noise
         heads = self.experts.decode(z, expert, batch_index if self.experts.n_cat > 0 else None)
         if self.is_count:
             if library is None:

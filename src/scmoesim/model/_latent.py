@@ -1,0 +1,75 @@
+"""Per-expert Gaussian fits of the latent space, for ``generate(latent="fitted")``.
+
+The paper generates cluster ``k`` from its prior, ``z ~ N(mu_k, I)``. The cells the model
+actually put in cluster ``k`` occupy a region of the latent space that need not be centred on
+``mu_k`` nor spread equally in every direction (on the Tabula Muris kidney model their RMS
+distance to ``mu_k`` per dimension is 0.87-1.23, depending on the cluster). Generating
+from a Gaussian fitted to that region, the cluster's aggregated posterior, puts the generated
+cells where real cells of the cluster are.
+
+The fit is streamed: per expert, the number of cells, the sums of the posterior means and of
+their outer products, and the sum of the posterior variances (a few ``n_latent^2`` numbers per
+expert, whatever the number of cells).
+"""
+
+import numpy as np
+
+
+class LatentMoments:
+    """Running sums of the posterior moments of each expert's cells."""
+
+    def __init__(self, n_experts: int, n_latent: int) -> None:
+        self.n = np.zeros(n_experts, dtype=np.int64)
+        self.sum_m = np.zeros((n_experts, n_latent))
+        self.sum_mm = np.zeros((n_experts, n_latent, n_latent))
+        self.sum_v = np.zeros((n_experts, n_latent))
+
+    def add(self, expert: np.ndarray, qz_m: np.ndarray, qz_v: np.ndarray) -> None:
+        """Add a minibatch: hard expert, posterior mean and variance of each cell."""
+        qz_m, qz_v = qz_m.astype(np.float64), qz_v.astype(np.float64)
+        for k in np.unique(expert):
+            rows = expert == k
+            m = qz_m[rows]
+            self.n[k] += m.shape[0]
+            self.sum_m[k] += m.sum(0)
+            self.sum_mm[k] += m.T @ m
+            self.sum_v[k] += qz_v[rows].sum(0)
+
+    def fit(self, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and lower Cholesky factor of each expert's aggregated posterior.
+
+        The covariance is that of a mixture of the cells' posteriors: the covariance of the
+        posterior means plus the mean posterior variance (law of total variance). Its
+        off-diagonal part is shrunk towards the diagonal by ``min(1, n_latent / n_cells)``,
+        so an expert with no more cells than latent dimensions gets a diagonal one. Experts
+        with fewer than two cells keep the prior, ``N(mu_k, I)``.
+
+        Returns
+        -------
+        ``(K, n_latent)`` means and ``(K, n_latent, n_latent)`` lower Cholesky factors, float32.
+        """
+        n_experts, d = self.sum_m.shape
+        loc = np.array(centres, dtype=np.float64, copy=True)
+        scale_tril = np.tile(np.eye(d), (n_experts, 1, 1))
+        for k in np.flatnonzero(self.n >= 2):
+            n = self.n[k]
+            mean = self.sum_m[k] / n
+            cov = (self.sum_mm[k] - n * np.outer(mean, mean)) / (n - 1)
+            cov = (cov + cov.T) / 2 + np.diag(self.sum_v[k] / n)
+            shrink = min(1.0, d / n)
+            cov = (1 - shrink) * cov + shrink * np.diag(np.diag(cov))
+            loc[k] = mean
+            scale_tril[k] = _cholesky(cov)
+        return loc.astype(np.float32), scale_tril.astype(np.float32)
+
+
+def _cholesky(cov: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor, with a growing jitter if rounding made ``cov`` indefinite."""
+    jitter = 0.0
+    scale = float(np.mean(np.diag(cov)))
+    for _ in range(6):
+        try:
+            return np.linalg.cholesky(cov + jitter * np.eye(cov.shape[0]))
+        except np.linalg.LinAlgError:
+            jitter = max(jitter * 10, 1e-8 * scale)
+    return np.diag(np.sqrt(np.clip(np.diag(cov), 1e-12, None)))
