@@ -129,10 +129,12 @@ def lognorm(x) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- (a) + (b)
-def accuracy_and_realism(model, adata, n_per_cluster: int, seed: int) -> tuple[list, list, dict]:
+def accuracy_and_realism(
+    model, adata, n_per_cluster: int, seed: int, **generate_kwargs
+) -> tuple[list, list, dict]:
     real_cluster = np.asarray(model.predict()).astype(str)
     used = [c for c, n in model.expert_usage().items() if n > 0]
-    gen = model.generate({c: n_per_cluster for c in used}, seed=seed)
+    gen = model.generate({c: n_per_cluster for c in used}, seed=seed, **generate_kwargs)
     gen_cluster = gen.obs["moesim_cluster"].astype(str).to_numpy()
 
     # the model's own encoder + gate
@@ -505,24 +507,41 @@ def kidney_model_genes() -> int:
 def variant_summary(name: str, model, adata, n_per_cluster: int, seed: int) -> dict:
     """Realism and clustering of one model variant, summed up in one row."""
     rows, _, extra = accuracy_and_realism(model, adata, n_per_cluster, seed)
-    rows = pd.DataFrame(rows)
     truth = adata.obs["cell_type"].astype(str).to_numpy()
     pred = np.asarray(model.predict()).astype(str)
     keep = truth != "unannotated"
-    closer = rows["MMD2 gen vs real (same)"] < rows["min MMD2 real vs other real"]
-    markers = rows["markers recovered /20"]
     return {
         "model": name,
         "experts used": int((np.asarray(model.expert_usage_) > 0).sum()),
         "ARI vs cell_type": adjusted_rand_score(truth[keep], pred[keep]),
+        **_realism_summary(pd.DataFrame(rows)),
+    }
+
+
+def _realism_summary(rows: pd.DataFrame) -> dict:
+    closer = rows["MMD2 gen vs real (same)"] < rows["min MMD2 real vs other real"]
+    markers = rows["markers recovered /20"]
+    return {
         "model gate: in cluster (min)": rows["model gate: in cluster"].min(),
+        "model gate: in cluster (mean)": rows["model gate: in cluster"].mean(),
         "logreg: in cluster (min)": rows["logreg: in cluster"].min(),
+        "logreg: in cluster (mean)": rows["logreg: in cluster"].mean(),
         "MMD2 gen < min real-other (clusters)": f"{int(closer.sum())}/{len(rows)}",
         "markers recovered /20 (min, mean)": f"{markers.min()}, {markers.mean():.1f}",
         "gen / real density (mean ratio)": float(
             (rows["gen density"] / rows["real density"]).mean()
         ),
     }
+
+
+def latent_comparison(model, adata, n_per_cluster: int, seeds: list[int]) -> pd.DataFrame:
+    """``generate(latent=...)``: the fitted Gaussians against the paper's N(mu_k, I)."""
+    rows = []
+    for latent in ("fitted", "prior"):
+        for seed in seeds:
+            acc, _, _ = accuracy_and_realism(model, adata, n_per_cluster, seed, latent=latent)
+            rows.append({"latent": latent, "seed": seed, **_realism_summary(pd.DataFrame(acc))})
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- main
@@ -557,6 +576,13 @@ def main() -> None:
         help="model settings to compare for realism, e.g. likelihood=zinb",
     )
     parser.add_argument(
+        "--latent-seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="generation seeds of the fitted-vs-prior comparison",
+    )
+    parser.add_argument(
         "--speed-only",
         action="store_true",
         help="only the throughput of the kidney model and of a UMI-like model",
@@ -580,6 +606,9 @@ def main() -> None:
     print(acc.round(3).to_string(), flush=True)
     dens = pd.DataFrame(density_diagnosis(model, adata, args.seed))
     print(dens.round(3).to_string(), flush=True)
+
+    latents = latent_comparison(model, adata, args.n_per_cluster, args.latent_seeds)
+    print(latents.round(3).to_string(), flush=True)
 
     variants = [variant_summary("default", model, adata, args.n_per_cluster, args.seed)]
     resampled = [{"model": "default", **r} for r in resampled_real(model, adata, args.seed)]
@@ -654,6 +683,8 @@ def main() -> None:
         + pd.DataFrame(real_markers).to_markdown(index=False)
         + "\n\n### Where the extra non-zeros come from\n\n"
         + dens.round(3).to_markdown(index=False)
+        + "\n\n### Latent distribution of `generate`: fitted (default) vs the paper's prior\n\n"
+        + latents.round(3).to_markdown(index=False)
         + "\n\n### Model variants (realism vs clustering)\n\n"
         + variants.round(3).to_markdown(index=False)
         + "\n\n### Reference for (a): real cells re-sampled from their own posterior\n\n"
