@@ -160,6 +160,7 @@ def test_generate_chosen_clusters_reproducible(files, fitted, capsys):
     out = root / "gen.h5ad"
     argv = ["generate", str(model_dir), "--adata", str(root / "pbmc.h5ad"), "--n-cells", "40"]
     argv += ["--clusters", *map(str, names), "--seed", "3", "--temperature", "0.5", "--quiet"]
+    argv += ["--latent", "prior"]
     assert cli.main([*argv, "-o", str(out)]) == 0
     printed = capsys.readouterr()
     assert "generated 40 cells" in printed.out and "generating" not in printed.err
@@ -167,6 +168,7 @@ def test_generate_chosen_clusters_reproducible(files, fitted, capsys):
     assert first.n_obs == 40
     assert set(first.obs["moesim_cluster"].astype(str)) <= set(map(str, names))
     assert first.uns["moesim_generate"]["temperature"] == 0.5
+    assert first.uns["moesim_generate"]["latent"] == "prior"
     assert cli.main([*argv, "-o", str(out)]) == 1  # no --force
     assert "pass --force" in _error_line(capsys.readouterr().err)
     assert cli.main([*argv, "-o", str(out), "--force"]) == 0
@@ -238,7 +240,8 @@ def test_unlabeled_category_follows_column_type():
         ),
         (
             "generate",
-            ["--adata", "--n-cells", "--clusters", "--seed", "--temperature", "-o", "--force"],
+            ["--adata", "--n-cells", "--clusters", "--seed", "--temperature", "--latent", "-o"]
+            + ["--force"],
         ),
         ("demo", ["--output", "--epochs", "--figure", "--force", "--quiet"]),
     ],

@@ -406,6 +406,7 @@ def _generate(args: argparse.Namespace) -> int:
             args.n_cells,
             clusters=args.clusters,
             temperature=args.temperature,
+            latent=args.latent,
             batch=args.batch,
             seed=args.seed,
             progress_bar=not args.quiet,
@@ -608,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate new cells with a saved model",
         description="Load a model saved by `scmoesim fit --save-model` and generate new cells: "
-        "z ~ N(mu_k, T^2 I) decoded by the expert of cluster k. Writes an AnnData with the "
+        "z drawn around cluster k (a Gaussian fitted to its training cells, or the prior "
+        "N(mu_k, T^2 I)) and decoded by the expert of cluster k. Writes an AnnData with the "
         "samples in X, the expected values in layers['mean'] and obs['moesim_cluster'].",
         epilog="example: scmoesim generate moesim_model --adata pbmc.h5ad --n-cells 500 "
         "--clusters 'CD19+ B' 'CD56+ NK' -o generated.h5ad",
@@ -637,7 +639,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         default=1.0,
         metavar="T",
-        help="scale of the latent noise around the cluster centre (default: 1, the prior)",
+        help="scale of the latent noise around the cluster centre (default: 1)",
+    )
+    gen.add_argument(
+        "--latent",
+        choices=["fitted", "prior"],
+        default="fitted",
+        help="where z comes from: 'fitted' (default), a Gaussian fitted to the cluster's "
+        "training cells; 'prior', the paper's N(mu_k, I)",
     )
     gen.add_argument(
         "--batch", default=None, help="batch category to decode with (with a batch key)"
