@@ -650,21 +650,17 @@ def main() -> None:
     if args.pbmc_latent:
         table = pbmc_latent_comparison([0, 1], args.latent_seeds)
         summary = table.groupby(["model seed", "latent"]).mean(numeric_only=True)
-        cmd = "python benchmarks/generation.py " + " ".join(sys.argv[1:])
+        title = "Generation: fitted latent vs the paper's prior on pbmc68k_reduced"
+        note = "(see `pbmc_latent_comparison` in `generation.py` for the protocol)."
         text = (
-            "# Generation: fitted latent vs the paper's prior on pbmc68k_reduced\n\n"
-            f"Command: `{cmd}`\n\nEnvironment: {environment()}\n\n"
-            f"Total run time: {(time.time() - t_start) / 60:.1f} min. "
-            "See `pbmc_latent_comparison` in `generation.py` for the protocol.\n\n"
-            "## Mean over generation seeds\n\n"
+            _header(title, t_start, note)
+            + "\n\n## Mean over generation seeds\n\n"
             + summary.drop(columns="generation seed").round(4).to_markdown()
             + "\n\n## Every run\n\n"
             + table.round(4).to_markdown(index=False)
             + "\n"
         )
-        print(text)
-        if args.out:
-            Path(args.out).write_text(text)
+        _emit(text, args.out)
         return
 
     model, adata = kidney_model(cache, args.seed, args.epochs)
@@ -735,13 +731,9 @@ def main() -> None:
     print(mem.round(1).to_string(), flush=True)
 
     settings = model_settings(n_experts=7)
-    cmd = "python benchmarks/generation.py " + " ".join(sys.argv[1:])
     text = (
-        "# Generation benchmark\n\n"
-        f"Command: `{cmd}`\n\n"
-        f"Environment: {environment()}\n\n"
-        f"Total run time: {(time.time() - t_start) / 60:.1f} min (cached models are reused). "
-        "Model: Tabula Muris kidney, 2,000 HVGs + markers, signatures as in `signatures.py`, "
+        _header("Generation benchmark", t_start)
+        + " Model: Tabula Muris kidney, 2,000 HVGs + markers, signatures as in `signatures.py`, "
         f"seed {args.seed}, epochs: {args.epochs or 'scvi heuristic'}, settings (the code's "
         f"defaults at run time): `{settings}`. "
         f"Expert usage: {model.expert_usage().to_dict()}\n\n"
@@ -771,9 +763,7 @@ def main() -> None:
         + (mem.round(1).to_markdown(index=False) if len(mem) else "not run")
         + "\n"
     )
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    _emit(text, args.out)
 
 
 def _speed_section(speed: pd.DataFrame, umi_speed: pd.DataFrame) -> str:
@@ -793,17 +783,23 @@ def speed_only(args, cache: Path, t_start: float) -> None:
     umi_model, umi_adata = umi_like_model(cache, args.seed)
     speed = speed_table(model, adata, args.speed_cells, args.threads, args.seed)
     umi_speed = speed_table(umi_model, umi_adata, args.speed_cells, args.threads, args.seed)
+    text = _header("Generation throughput", t_start) + "\n\n" + _speed_section(speed, umi_speed)
+    _emit(text, args.out)
+
+
+def _header(title: str, t_start: float, note: str = "(cached models are reused).") -> str:
+    """Title, command, environment and run time of a results file."""
     cmd = "python benchmarks/generation.py " + " ".join(sys.argv[1:])
-    text = (
-        "# Generation throughput\n\n"
-        f"Command: `{cmd}`\n\n"
-        f"Environment: {environment()}\n\n"
-        f"Total run time: {(time.time() - t_start) / 60:.1f} min (cached models are reused).\n\n"
-        + _speed_section(speed, umi_speed)
+    return (
+        f"# {title}\n\nCommand: `{cmd}`\n\nEnvironment: {environment()}\n\n"
+        f"Total run time: {(time.time() - t_start) / 60:.1f} min {note}"
     )
+
+
+def _emit(text: str, out: str | None) -> None:
     print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if out:
+        Path(out).write_text(text)
 
 
 if __name__ == "__main__":

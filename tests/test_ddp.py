@@ -61,6 +61,19 @@ class RankStateRecorder(Callback):
             torch.save(em, os.path.join(self.out_dir, "em.pt"))
 
 
+def _train_on_two_processes(model, **kwargs) -> None:
+    """Two epochs on two CPU processes (``ddp_spawn``), every cell in the training split."""
+    model.train(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        train_size=1.0,
+        enable_progress_bar=False,
+        **kwargs,
+    )
+
+
 def test_train_with_ddp_spawn_keeps_ranks_in_sync(tmp_path):
     """``train(accelerator="cpu", devices=2, strategy="ddp_spawn")`` through scvi-tools.
 
@@ -83,16 +96,7 @@ def test_train_with_ddp_spawn_keeps_ranks_in_sync(tmp_path):
     scvi.settings.seed = 0
     model = scmoesim.MoESim(adata, n_experts=3)
     before = model.module.centre_weight.clone()
-    model.train(
-        max_epochs=2,
-        batch_size=20,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        train_size=1.0,
-        enable_progress_bar=False,
-        callbacks=[RankStateRecorder(str(tmp_path))],
-    )
+    _train_on_two_processes(model, batch_size=20, callbacks=[RankStateRecorder(str(tmp_path))])
     ranks = torch.load(tmp_path / "ranks.pt")
     assert ranks.shape[0] == 2
     torch.testing.assert_close(ranks[0], ranks[1], rtol=0, atol=0)
@@ -140,14 +144,6 @@ def test_ddp_batch_size_fits_the_cells_of_each_process():
     model = scmoesim.MoESim(adata, n_experts=2)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        model.train(
-            max_epochs=2,
-            batch_size=32,
-            accelerator="cpu",
-            devices=2,
-            strategy="ddp_spawn",
-            train_size=1.0,
-            enable_progress_bar=False,
-        )
+        _train_on_two_processes(model, batch_size=32)
     assert not [w for w in record if "No training step ran" in str(w.message)]
     assert len(model.history["elbo_train"]) == 2
