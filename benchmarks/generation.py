@@ -75,15 +75,8 @@ def kidney_model(cache: Path, seed: int, epochs: int | None, **model_kwargs):
     scvi.settings.seed = seed
     scmoesim.MoESim.setup_anndata(adata, layer="counts", signatures=datasets.KIDNEY_SIGNATURES)
     tag = "_".join(f"{k}={v}" for k, v in sorted(model_kwargs.items())) or "default"
-    settings = model_settings(n_experts=7, **model_kwargs)
-    digest = hashlib.sha1(repr(sorted(settings.items())).encode())
-    path = cache / f"kidney_seed{seed}_epochs{epochs}_{tag}_{digest.hexdigest()[:8]}"
-    if (path / "model.pt").is_file():
-        return scmoesim.MoESim.load(str(path), adata=adata), adata
-    model = scmoesim.MoESim(adata, n_experts=7, **model_kwargs)
-    model.train(max_epochs=epochs, enable_progress_bar=False)
-    model.save(str(path), overwrite=True)
-    return model, adata
+    stem = f"kidney_seed{seed}_epochs{epochs}_{tag}"
+    return _cached_model(cache / stem, adata, epochs, n_experts=7, **model_kwargs), adata
 
 
 def umi_like_model(cache: Path, seed: int, epochs: int = 20):
@@ -99,15 +92,28 @@ def umi_like_model(cache: Path, seed: int, epochs: int = 20):
     adata = SyntheticCounts(n_genes=2000, n_types=10, seed=seed).anndata(10_000)
     scvi.settings.seed = seed
     scmoesim.MoESim.setup_anndata(adata, labels_key="type")
-    settings = model_settings(n_experts=10)
-    digest = hashlib.sha1(repr(sorted(settings.items())).encode())
-    path = cache / f"umi_like_seed{seed}_epochs{epochs}_{digest.hexdigest()[:8]}"
+    stem = f"umi_like_seed{seed}_epochs{epochs}"
+    return _cached_model(cache / stem, adata, epochs, n_experts=10), adata
+
+
+def _cached_model(stem: Path, adata, epochs: int | None, **model_kwargs):
+    """Load the model cached under ``stem`` + a hash of every setting, or train and cache it.
+
+    A model cached by a scmoesim without the fitted latent distributions gets them from a
+    pass over ``adata`` (its training data), so ``generate`` measures the current default.
+    """
+    settings = model_settings(**model_kwargs)
+    digest = hashlib.sha1(repr(sorted(settings.items())).encode()).hexdigest()[:8]
+    path = stem.with_name(f"{stem.name}_{digest}")
     if (path / "model.pt").is_file():
-        return scmoesim.MoESim.load(str(path), adata=adata), adata
-    model = scmoesim.MoESim(adata, n_experts=10)
+        model = scmoesim.MoESim.load(str(path), adata=adata)
+        if getattr(model, "latent_loc_", None) is None:
+            model._summarise_training_data()
+        return model
+    model = scmoesim.MoESim(adata, **model_kwargs)
     model.train(max_epochs=epochs, enable_progress_bar=False)
     model.save(str(path), overwrite=True)
-    return model, adata
+    return model
 
 
 def speed_table(model, adata, n_cells: int, threads: list[int], seed: int) -> pd.DataFrame:
@@ -129,11 +135,55 @@ def lognorm(x) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- (a) + (b)
-def accuracy_and_realism(
-    model, adata, n_per_cluster: int, seed: int, **generate_kwargs
-) -> tuple[list, list, dict]:
+def real_reference(model, adata) -> dict:
+    """What (a) and (b) compare generated cells with; it does not depend on the generated cells.
+
+    The real cells' clusters, the logistic regression trained on them (and its 5-fold CV
+    accuracy), the PCA and kernel bandwidth of the MMD, each cluster's nearest other cluster
+    by real-vs-real MMD^2, and the real cells' top markers. Computed once per model and
+    passed to every :func:`accuracy_and_realism` call on it.
+    """
     real_cluster = np.asarray(model.predict()).astype(str)
     used = [c for c, n in model.expert_usage().items() if n > 0]
+    x_real = lognorm(adata.layers["counts"])
+    clf, standardise, cv = _real_classifier(x_real, real_cluster)
+    z_real = np.clip(standardise(x_real), -10, 10)
+    pca = PCA(n_components=50, random_state=0).fit(z_real)
+    p_real = pca.transform(z_real)
+    gamma = metrics._median_heuristic_gamma(p_real)
+    nearest = {}
+    for c in used:
+        r = real_cluster == c
+        others = {
+            o: metrics.mmd2_unbiased(p_real[r], p_real[real_cluster == o], gamma=gamma)
+            for o in used
+            if o != c and (real_cluster == o).sum() > 1
+        }
+        closest = min(others, key=others.get)
+        nearest[c] = closest, others[closest]
+    return {
+        "cluster": real_cluster,
+        "used": used,
+        "classifier": clf,
+        "standardise": standardise,
+        "cv": cv,
+        "pca": pca,
+        "p_real": p_real,
+        "gamma": gamma,
+        "nearest": nearest,
+        "markers": _markers(x_real, real_cluster, used, adata.var_names),
+    }
+
+
+def accuracy_and_realism(
+    model, adata, n_per_cluster: int, seed: int, reference: dict | None = None, **generate_kwargs
+) -> tuple[list, list, dict]:
+    """(a) and (b) for ``n_per_cluster`` generated cells of every used cluster.
+
+    ``reference``: :func:`real_reference` of this model and data (computed when ``None``).
+    """
+    ref = real_reference(model, adata) if reference is None else reference
+    real_cluster, used = ref["cluster"], ref["used"]
     gen = model.generate({c: n_per_cluster for c in used}, seed=seed, **generate_kwargs)
     gen_cluster = gen.obs["moesim_cluster"].astype(str).to_numpy()
 
@@ -143,28 +193,20 @@ def accuracy_and_realism(
     model_pred = np.asarray(model.predict(gen_in)).astype(str)
 
     # an independent classifier on the real cells' cluster labels
-    x_real, x_gen = lognorm(adata.layers["counts"]), lognorm(gen.X)
-    clf, standardise, cv = _real_classifier(x_real, real_cluster)
-    z_real, z_gen = standardise(x_real), standardise(x_gen)
-    clf_pred = clf.predict(z_gen)
+    x_gen = lognorm(gen.X)
+    z_gen = ref["standardise"](x_gen)
+    clf_pred = ref["classifier"].predict(z_gen)
 
     # realism: PCA of the real data, one kernel bandwidth for every comparison
-    pca = PCA(n_components=50, random_state=0).fit(np.clip(z_real, -10, 10))
-    p_real, p_gen = pca.transform(np.clip(z_real, -10, 10)), pca.transform(np.clip(z_gen, -10, 10))
-    gamma = metrics._median_heuristic_gamma(p_real)
-    names = adata.var_names
-    real_markers = _markers(x_real, real_cluster, used, names)
-    gen_markers = _markers(x_gen, gen_cluster, used, names)
+    p_real, gamma = ref["p_real"], ref["gamma"]
+    p_gen = ref["pca"].transform(np.clip(z_gen, -10, 10))
+    real_markers = ref["markers"]
+    gen_markers = _markers(x_gen, gen_cluster, used, adata.var_names)
     rows, real_rows = [], []
     for c in used:
         g, r = gen_cluster == c, real_cluster == c
         mmd_same = metrics.mmd2_unbiased(p_gen[g], p_real[r], gamma=gamma)
-        others = {
-            o: metrics.mmd2_unbiased(p_real[r], p_real[real_cluster == o], gamma=gamma)
-            for o in used
-            if o != c and (real_cluster == o).sum() > 1
-        }
-        nearest = min(others, key=others.get)
+        nearest, mmd_other = ref["nearest"][c]
         overlap = len(set(real_markers[c]) & set(gen_markers[c]))
         rows.append(
             {
@@ -174,7 +216,7 @@ def accuracy_and_realism(
                 "model gate: in cluster": float((model_pred[g] == c).mean()),
                 "logreg: in cluster": float((clf_pred[g] == c).mean()),
                 "MMD2 gen vs real (same)": mmd_same,
-                "min MMD2 real vs other real": others[nearest],
+                "min MMD2 real vs other real": mmd_other,
                 "nearest other": nearest,
                 "markers recovered /20": overlap,
                 "real density": float((adata.layers["counts"][r] > 0).mean()),
@@ -186,7 +228,7 @@ def accuracy_and_realism(
             }
         )
         real_rows.append({"cluster": c, "top real markers": ", ".join(real_markers[c][:8])})
-    return rows, real_rows, {"logreg 5-fold CV accuracy on real cells": float(cv)}
+    return rows, real_rows, {"logreg 5-fold CV accuracy on real cells": float(ref["cv"])}
 
 
 def _real_classifier(x_real: np.ndarray, real_cluster: np.ndarray):
@@ -203,7 +245,7 @@ def _real_classifier(x_real: np.ndarray, real_cluster: np.ndarray):
 
 
 @torch.inference_mode()
-def resampled_real(model, adata, seed: int) -> list[dict]:
+def resampled_real(model, adata, seed: int, reference: dict | None = None) -> list[dict]:
     """Reference for (a): re-sample every real cell from its own posterior, classify it back.
 
     For each real cell: ``z ~ q(z | x)``, decoded by the cell's own expert with the cell's own
@@ -212,7 +254,9 @@ def resampled_real(model, adata, seed: int) -> list[dict]:
     how well the clusters stay apart once the model's own count noise is added to real cells.
     Generated cells that land in their cluster much more often than this are more typical of it
     than the real cells are (not a bound: generation may sample the cluster's core).
+    ``reference``: :func:`real_reference` of this model and data (computed when ``None``).
     """
+    ref = real_reference(model, adata) if reference is None else reference
     module = model.module
     module.eval()
     x = torch.as_tensor(adata.layers["counts"].toarray(), dtype=torch.float32)
@@ -221,14 +265,13 @@ def resampled_real(model, adata, seed: int) -> list[dict]:
     expert = module.gate_logits(inf["qz_m"]).argmax(-1)  # the gate on the posterior mean
     px = module.generative(inf["z"], expert, inf["library"])["px"]
     x_new = px.sample().numpy()
-    real_cluster = np.asarray(model.predict()).astype(str)
+    real_cluster = ref["cluster"]
     new_in = AnnData(x_new.astype(np.float32), var=adata.var[[]])
     new_in.layers["counts"] = new_in.X
     gate = np.asarray(model.predict(new_in)).astype(str)
-    clf, standardise, _ = _real_classifier(lognorm(adata.layers["counts"]), real_cluster)
-    logreg = clf.predict(standardise(lognorm(x_new)))
+    logreg = ref["classifier"].predict(ref["standardise"](lognorm(x_new)))
     out = []
-    for c in [c for c, n in model.expert_usage().items() if n > 0]:
+    for c in ref["used"]:
         sel = real_cluster == c
         out.append(
             {
@@ -504,9 +547,11 @@ def kidney_model_genes() -> int:
     return kidney_adata().n_vars
 
 
-def variant_summary(name: str, model, adata, n_per_cluster: int, seed: int) -> dict:
+def variant_summary(
+    name: str, model, adata, n_per_cluster: int, seed: int, reference: dict | None = None
+) -> dict:
     """Realism and clustering of one model variant, summed up in one row."""
-    rows, _, extra = accuracy_and_realism(model, adata, n_per_cluster, seed)
+    rows, _, extra = accuracy_and_realism(model, adata, n_per_cluster, seed, reference)
     truth = adata.obs["cell_type"].astype(str).to_numpy()
     pred = np.asarray(model.predict()).astype(str)
     keep = truth != "unannotated"
@@ -534,12 +579,15 @@ def _realism_summary(rows: pd.DataFrame) -> dict:
     }
 
 
-def latent_comparison(model, adata, n_per_cluster: int, seeds: list[int]) -> pd.DataFrame:
+def latent_comparison(
+    model, adata, n_per_cluster: int, seeds: list[int], reference: dict | None = None
+) -> pd.DataFrame:
     """``generate(latent=...)``: the fitted Gaussians against the paper's N(mu_k, I)."""
+    ref = real_reference(model, adata) if reference is None else reference
     rows = []
     for latent in ("fitted", "prior"):
         for seed in seeds:
-            acc, _, _ = accuracy_and_realism(model, adata, n_per_cluster, seed, latent=latent)
+            acc, _, _ = accuracy_and_realism(model, adata, n_per_cluster, seed, ref, latent=latent)
             rows.append({"latent": latent, "seed": seed, **_realism_summary(pd.DataFrame(acc))})
     return pd.DataFrame(rows)
 
@@ -667,22 +715,26 @@ def main() -> None:
     ablation, adata_abl = kidney_model(cache, args.seed, args.epochs, clustering_weight=0.0)
     print("models ready", model.expert_usage().to_dict(), flush=True)
 
-    acc, real_markers, extra = accuracy_and_realism(model, adata, args.n_per_cluster, args.seed)
+    ref = real_reference(model, adata)
+    acc, real_markers, extra = accuracy_and_realism(
+        model, adata, args.n_per_cluster, args.seed, ref
+    )
     acc = pd.DataFrame(acc)
     print(acc.round(3).to_string(), flush=True)
     dens = pd.DataFrame(density_diagnosis(model, adata, args.seed))
     print(dens.round(3).to_string(), flush=True)
 
-    latents = latent_comparison(model, adata, args.n_per_cluster, args.latent_seeds)
+    latents = latent_comparison(model, adata, args.n_per_cluster, args.latent_seeds, ref)
     print(latents.round(3).to_string(), flush=True)
 
-    variants = [variant_summary("default", model, adata, args.n_per_cluster, args.seed)]
-    resampled = [{"model": "default", **r} for r in resampled_real(model, adata, args.seed)]
+    variants = [variant_summary("default", model, adata, args.n_per_cluster, args.seed, ref)]
+    resampled = [{"model": "default", **r} for r in resampled_real(model, adata, args.seed, ref)]
     for text in args.variants:
         kw = _parse_variant(text)
         m, a = kidney_model(cache, args.seed, args.epochs, **kw)
-        variants.append(variant_summary(text, m, a, args.n_per_cluster, args.seed))
-        resampled += [{"model": text, **r} for r in resampled_real(m, a, args.seed)]
+        ref_m = real_reference(m, a)
+        variants.append(variant_summary(text, m, a, args.n_per_cluster, args.seed, ref_m))
+        resampled += [{"model": text, **r} for r in resampled_real(m, a, args.seed, ref_m)]
         print(pd.DataFrame(variants).round(3).to_string(), flush=True)
     variants = pd.DataFrame(variants)
     resampled = pd.DataFrame(resampled)
