@@ -440,3 +440,19 @@ def test_kl_weight_default_depends_on_the_similarity_source(pbmc):
     model = MoESim(pbmc, likelihood="normal")
     assert model.module.kl_weight == 0.0
     assert model.init_params_["non_kwargs"]["kl_weight"] == 0.0  # saved resolved
+
+
+def test_gate_dropout_acts_only_through_depict(kidney):
+    """The pass that assigns cells never drops gate units; only DEPICT's noisy pass does."""
+
+    def latent(gate_dropout, depict_weight):
+        scvi.settings.seed = 3
+        adata = kidney.copy()
+        setup = {"layer": "counts", "signatures": KIDNEY_SIGS}
+        model = _trained(
+            adata, setup, n_experts=4, gate_dropout=gate_dropout, depict_weight=depict_weight
+        )
+        return model.get_latent_representation()
+
+    np.testing.assert_array_equal(latent(0.0, 0.0), latent(0.5, 0.0))
+    assert not np.array_equal(latent(0.0, 1.0), latent(0.5, 1.0))

@@ -60,7 +60,9 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
     n_hidden, n_layers
         Width and depth of the encoder and of each expert (paper: 100, 1).
     n_hidden_gate, n_layers_gate, gate_dropout
-        Gating network (paper: 100, 1, 0.5).
+        Gating network (paper: 100, 1, 0.5). ``gate_dropout`` acts only on the gate's noisy
+        pass of the DEPICT loss, so it has no effect with ``depict_weight=0`` (the default): the
+        pass that assigns cells to experts never drops units.
     activation_fn
         ``"elu"`` (paper, scRNA-seq) or ``"relu"``.
     dispersion
