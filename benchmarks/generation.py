@@ -290,7 +290,12 @@ def resampled_real(model, adata, seed: int, reference: dict | None = None) -> li
 
 
 def _markers(
-    x: np.ndarray, groups: np.ndarray, clusters: list[str], names, n: int = 20, method="wilcoxon"
+    x: np.ndarray,
+    groups: np.ndarray,
+    clusters: list[str],
+    names,
+    n: int = 20,
+    method: str = "wilcoxon",
 ) -> dict:
     """Top ``n`` markers per cluster (gene names), each cluster against the rest.
 

@@ -248,14 +248,19 @@ def moesim_knn(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
     return np.asarray(_knn_model(ds, seed, opts).predict()).astype(str)
 
 
+def _shared_knn_model(ds: Dataset, seed: int, opts: argparse.Namespace) -> scmoesim.MoESim:
+    """The ``moesim_knn`` model of this dataset and seed, trained here if that did not run."""
+    return _KNN_MODELS.get((ds.name, seed)) or _knn_model(ds, seed, opts)
+
+
 def moesim_knn_merged(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
-    model = _KNN_MODELS.get((ds.name, seed)) or _knn_model(ds, seed, opts)
+    model = _shared_knn_model(ds, seed, opts)
     model.merge_clusters()
     return np.asarray(model.predict()).astype(str)
 
 
 def moesim_latent_leiden(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
-    model = _KNN_MODELS.get((ds.name, seed)) or _knn_model(ds, seed, opts)
+    model = _shared_knn_model(ds, seed, opts)
     tmp = ad.AnnData(obs=pd.DataFrame(index=ds.adata.obs_names))
     tmp.obsm["X_moesim"] = model.get_latent_representation()
     return _leiden(tmp, "X_moesim", seed)
