@@ -261,6 +261,9 @@ def test_latent_fitted_or_prior(model):
     assert not np.allclose(f[0], p[0], rtol=1e-3)
     with pytest.raises(ValueError, match="latent must be 'fitted' or 'prior', got 'gmm'"):
         model.generate(5, latent="gmm")
+    for bad in (np.array(["fitted"]), np.array(["fitted", "prior"]), None):
+        with pytest.raises(ValueError, match="latent must be 'fitted' or 'prior'"):
+            model.generate(5, latent=bad)
 
 
 def test_model_without_fitted_latent_falls_back_to_the_prior(model, monkeypatch):

@@ -205,7 +205,7 @@ class GenerateMixin:
     # ------------------------------------------------------------------ helpers
     def _latent_distribution(self, latent) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Per-expert means and Cholesky factors for ``latent`` (``None, None``: the prior)."""
-        if latent not in ("fitted", "prior"):
+        if not isinstance(latent, str) or latent not in ("fitted", "prior"):
             raise ValueError(f"latent must be 'fitted' or 'prior', got {latent!r}.")
         if latent == "prior":
             return None, None
