@@ -630,7 +630,8 @@ def pbmc_latent_comparison(model_seeds: list[int], gen_seeds: list[int]) -> pd.D
         labels = adata.obs["bulk_labels"].astype(str).to_numpy()
         clf = LogisticRegression(max_iter=2000, C=0.1).fit(x, labels)
         pca = PCA(30, random_state=0).fit(x)
-        gamma = metrics._median_heuristic_gamma(pca.transform(x))
+        p_real = pca.transform(x)
+        gamma = metrics._median_heuristic_gamma(p_real)
         for gseed in gen_seeds:
             for latent in ("fitted", "prior"):
                 new = model.generate({c: 200 for c in chosen}, seed=gseed, latent=latent)
@@ -638,9 +639,7 @@ def pbmc_latent_comparison(model_seeds: list[int], gen_seeds: list[int]) -> pd.D
                 right = clf.predict(np.asarray(new.X)) == cluster
                 p_gen = pca.transform(np.asarray(new.X))
                 mmd = [
-                    metrics.mmd2_unbiased(
-                        p_gen[cluster == c], pca.transform(x[labels == c]), gamma=gamma
-                    )
+                    metrics.mmd2_unbiased(p_gen[cluster == c], p_real[labels == c], gamma=gamma)
                     for c in chosen
                 ]
                 rows.append(
