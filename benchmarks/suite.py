@@ -260,10 +260,8 @@ def moesim_knn_merged(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.nd
 
 
 def moesim_latent_leiden(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
-    model = _shared_knn_model(ds, seed, opts)
-    tmp = ad.AnnData(obs=pd.DataFrame(index=ds.adata.obs_names))
-    tmp.obsm["X_moesim"] = model.get_latent_representation()
-    return _leiden(tmp, "X_moesim", seed)
+    latent = _shared_knn_model(ds, seed, opts).get_latent_representation()
+    return _leiden_on(ds, "X_moesim", latent, seed)
 
 
 def moesim_signatures(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
@@ -281,10 +279,15 @@ def _leiden(adata: ad.AnnData, rep: str, seed: int) -> np.ndarray:
     return adata.obs["leiden"].astype(str).to_numpy()
 
 
-def pca_leiden(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
+def _leiden_on(ds: Dataset, rep: str, x: np.ndarray, seed: int) -> np.ndarray:
+    """Leiden on the representation ``x`` of the dataset's cells (an AnnData holding only it)."""
     tmp = ad.AnnData(obs=pd.DataFrame(index=ds.adata.obs_names))
-    tmp.obsm["X_pca"] = ds.pca
-    return _leiden(tmp, "X_pca", seed)
+    tmp.obsm[rep] = x
+    return _leiden(tmp, rep, seed)
+
+
+def pca_leiden(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
+    return _leiden_on(ds, "X_pca", ds.pca, seed)
 
 
 def kmeans_true_k(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
