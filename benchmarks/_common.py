@@ -5,9 +5,12 @@ import sys
 from datetime import date
 
 import numpy as np
+import pandas as pd
 import scanpy as sc
 from anndata import AnnData
 from sklearn.cluster import KMeans
+
+import scmoesim
 
 
 def select_genes(adata: AnnData, n_top: int, keep: list[str], layer: str = "counts") -> AnnData:
@@ -42,6 +45,19 @@ def log_pca(
     n_comps = min(n_comps, min(tmp.shape) - 1)
     sc.pp.pca(tmp, n_comps=n_comps)
     return tmp.obsm["X_pca"]
+
+
+def leiden(x: np.ndarray, seed: int) -> np.ndarray:
+    """Leiden at the default resolution on the kNN graph (scanpy defaults) of the rows of ``x``.
+
+    The graph comes from ``scmoesim.pp.neighbors``, which avoids the crash of scanpy 1.11.5's
+    neighbours with scipy 1.17 at 8k+ cells.
+    """
+    tmp = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(x))]))
+    tmp.obsm["X_rep"] = x
+    scmoesim.pp.neighbors(tmp, use_rep="X_rep")
+    sc.tl.leiden(tmp, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
+    return tmp.obs["leiden"].astype(str).to_numpy()
 
 
 def kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:

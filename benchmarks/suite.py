@@ -12,6 +12,11 @@ Methods (each run on every dataset, several seeds):
 * ``moesim_latent_leiden``: Leiden at the default resolution on the latent space
   (``get_latent_representation``) of the same trained model, the way a scanpy user feeds it to
   ``sc.pp.neighbors``; reuses the ``moesim_knn`` model like ``moesim_knn_merged``;
+* ``moesim_kl2_latent_leiden``: the same, on a kNN model trained with ``kl_weight=2`` (the KL
+  pull towards the expert centres; the labelled sources' default);
+* ``moesim_two_stage``: those Leiden clusters given as ``labels_key`` to a second model with
+  default settings, scored by the second model's gate (every cluster gets an expert to generate
+  from); reuses the clusters of ``moesim_kl2_latent_leiden`` of the same dataset and seed;
 * ``pca_leiden``: Leiden at the default resolution (1.0) on the kNN graph of the PCA;
 * ``kmeans`` and ``gmm``: k-means and a Gaussian mixture told the true number of classes, on PCA;
 * ``scvi_leiden``: Leiden on scVI's latent space (NB likelihood on counts, Gaussian otherwise;
@@ -56,14 +61,13 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import scvi
 import torch
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
 import scmoesim
-from _common import environment, kmeans, log_pca
+from _common import environment, kmeans, leiden, log_pca
 from scmoesim import datasets, metrics
 
 warnings.filterwarnings("ignore")
@@ -74,6 +78,8 @@ ALL_METHODS = (
     "moesim_knn",
     "moesim_knn_merged",
     "moesim_latent_leiden",
+    "moesim_kl2_latent_leiden",
+    "moesim_two_stage",
     "pca_leiden",
     "kmeans",
     "gmm",
@@ -226,9 +232,12 @@ BUILTIN = {
 
 # ---------------------------------------------------------------------------- methods
 _KNN_MODELS: dict = {}  # (dataset, seed) -> trained moesim_knn model, reused by the two below
+_KL2_CLUSTERS: dict = {}  # (dataset, seed) -> Leiden on a kl_weight=2 kNN model's latent
 
 
-def _knn_model(ds: Dataset, seed: int, opts: argparse.Namespace) -> scmoesim.MoESim:
+def _knn_model(
+    ds: Dataset, seed: int, opts: argparse.Namespace, cache: bool = True
+) -> scmoesim.MoESim:
     adata = ds.adata.copy()
     key = "X_pca"  # --knn-rep pca: the representation PCA + Leiden uses
     if opts.knn_rep == "umap":
@@ -240,7 +249,8 @@ def _knn_model(ds: Dataset, seed: int, opts: argparse.Namespace) -> scmoesim.MoE
     scmoesim.MoESim.setup_anndata(adata, layer=ds.layer, embedding_key=key)
     model = scmoesim.MoESim(adata, likelihood=ds.likelihood, **opts.moesim_kwargs)
     model.train(max_epochs=opts.max_epochs, enable_progress_bar=False)
-    _KNN_MODELS[ds.name, seed] = model
+    if cache:
+        _KNN_MODELS[ds.name, seed] = model
     return model
 
 
@@ -261,7 +271,33 @@ def moesim_knn_merged(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.nd
 
 def moesim_latent_leiden(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
     latent = _shared_knn_model(ds, seed, opts).get_latent_representation()
-    return _leiden_on(ds, "X_moesim", latent, seed)
+    return leiden(latent, seed)
+
+
+def _kl2_latent_clusters(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
+    """Leiden clusters of the latent of a kNN model trained with ``kl_weight=2`` (cached)."""
+    key = ds.name, seed
+    if key not in _KL2_CLUSTERS:
+        kl2 = argparse.Namespace(**vars(opts))
+        kl2.moesim_kwargs = {**opts.moesim_kwargs, "kl_weight": 2.0}
+        model = _knn_model(ds, seed, kl2, cache=False)
+        _KL2_CLUSTERS[key] = leiden(model.get_latent_representation(), seed)
+    return _KL2_CLUSTERS[key]
+
+
+def moesim_kl2_latent_leiden(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
+    return _kl2_latent_clusters(ds, seed, opts)
+
+
+def moesim_two_stage(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
+    """The kl_weight=2 model's Leiden clusters as labels of a second model (default settings)."""
+    adata = ds.adata.copy()
+    adata.obs["stage1"] = pd.Categorical(_kl2_latent_clusters(ds, seed, opts))
+    scvi.settings.seed = seed
+    scmoesim.MoESim.setup_anndata(adata, layer=ds.layer, labels_key="stage1")
+    model = scmoesim.MoESim(adata, likelihood=ds.likelihood, **opts.moesim_kwargs)
+    model.train(max_epochs=opts.max_epochs, enable_progress_bar=False)
+    return np.asarray(model.predict()).astype(str)
 
 
 def moesim_signatures(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
@@ -273,21 +309,8 @@ def moesim_signatures(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.nd
     return np.asarray(model.predict()).astype(str)
 
 
-def _leiden(adata: ad.AnnData, rep: str, seed: int) -> np.ndarray:
-    scmoesim.pp.neighbors(adata, use_rep=rep)
-    sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
-    return adata.obs["leiden"].astype(str).to_numpy()
-
-
-def _leiden_on(ds: Dataset, rep: str, x: np.ndarray, seed: int) -> np.ndarray:
-    """Leiden on the representation ``x`` of the dataset's cells (an AnnData holding only it)."""
-    tmp = ad.AnnData(obs=pd.DataFrame(index=ds.adata.obs_names))
-    tmp.obsm[rep] = x
-    return _leiden(tmp, rep, seed)
-
-
 def pca_leiden(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
-    return _leiden_on(ds, "X_pca", ds.pca, seed)
+    return leiden(ds.pca, seed)
 
 
 def kmeans_true_k(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
@@ -306,8 +329,7 @@ def scvi_leiden(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
     scvi.model.SCVI.setup_anndata(adata, layer=ds.layer)
     model = scvi.model.SCVI(adata, gene_likelihood="nb" if counts else "normal")
     model.train(max_epochs=opts.max_epochs, enable_progress_bar=False)
-    adata.obsm["X_scvi"] = model.get_latent_representation()
-    return _leiden(adata, "X_scvi", seed)
+    return leiden(model.get_latent_representation(), seed)
 
 
 def cellassign(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
@@ -331,6 +353,11 @@ METHODS = {
     "moesim_knn": ("MoESim, kNN", moesim_knn),
     "moesim_knn_merged": ("MoESim, kNN + merge_clusters", moesim_knn_merged),
     "moesim_latent_leiden": ("MoESim latent + Leiden (res. 1)", moesim_latent_leiden),
+    "moesim_kl2_latent_leiden": (
+        "MoESim latent (kl_weight=2) + Leiden",
+        moesim_kl2_latent_leiden,
+    ),
+    "moesim_two_stage": ("MoESim two-stage (kl2 latent Leiden -> labels)", moesim_two_stage),
     "pca_leiden": ("PCA + Leiden (res. 1)", pca_leiden),
     "kmeans": ("k-means (true K), PCA", kmeans_true_k),
     "gmm": ("GMM (true K), PCA", gmm_true_k),
@@ -393,9 +420,14 @@ def floors(df: pd.DataFrame) -> list[str]:
         c = get(dset, merged, "ari")
         if not (np.isnan(c) or np.isnan(b)):
             lines.append(f"  - opt-in `merge_clusters()`: ARI {c:.3f}")
-        c = get(dset, METHODS["moesim_latent_leiden"][0], "ari")
-        if not (np.isnan(c) or np.isnan(b)):
-            lines.append(f"  - Leiden on the MoESim latent (not the gate's clusters): ARI {c:.3f}")
+        for method, what in (
+            ("moesim_latent_leiden", "Leiden on the MoESim latent (not the gate's clusters)"),
+            ("moesim_kl2_latent_leiden", "Leiden on the latent of a `kl_weight=2` model"),
+            ("moesim_two_stage", "two-stage (those clusters as labels of a second model)"),
+        ):
+            c = get(dset, METHODS[method][0], "ari")
+            if not (np.isnan(c) or np.isnan(b)):
+                lines.append(f"  - {what}: ARI {c:.3f}")
     return lines
 
 
@@ -617,6 +649,7 @@ def _run_task(index: int, seed: int, opts: argparse.Namespace) -> tuple[int, str
         )
         print(f"done: {ds.name}, {label}, seed {seed}, {rows[-1]['seconds']} s", flush=True)
     _KNN_MODELS.clear()
+    _KL2_CLUSTERS.clear()
     return seed, ds.name, ds.note, rows
 
 
