@@ -4,7 +4,9 @@ Data: mixtures of ``K`` Gaussians in 100 dimensions with randomly drawn means, p
 diagonal scales and mixing weights. Model: ``MoESim`` with 40 experts, Gaussian likelihood and the
 unsupervised kNN similarity on the paper's UMAP projection (``scmoesim.pp.umap_embedding``),
 everything else at its default. Reported: the effective number of clusters (experts that keep
-cells, ``model.effective_n_clusters()``) next to the true ``K``, with ARI and NMI.
+cells, ``model.effective_n_clusters()``) next to the true ``K``, with ARI and NMI. With
+``--two-stage``, also Leiden on the model's latent and a second 40-expert model trained with those
+clusters as ``labels_key`` (its effective number of clusters and ARI).
 
 Usage::
 
@@ -24,7 +26,7 @@ import scvi
 import torch
 
 import scmoesim
-from _common import environment
+from _common import environment, leiden
 from scmoesim import metrics
 
 warnings.filterwarnings("ignore")
@@ -80,6 +82,8 @@ def run_one(n_components: int, seed: int, args) -> dict:
         "NMI": metrics.nmi(truth, pred),
         "largest clusters": ", ".join(str(u) for u in sorted(usage[usage > 0], reverse=True)),
     }
+    if args.two_stage:
+        raw.update(two_stage(adata, model, truth, seed, args))
     # the same model after merge_clusters (greedy modularity on the kNN graph of its embedding)
     model.merge_clusters(resolution=args.merge_resolution)
     merged = np.asarray(model.predict()).astype(str)
@@ -89,6 +93,24 @@ def run_one(n_components: int, seed: int, args) -> dict:
         "merged ARI": metrics.ari(truth, merged),
         "merged NMI": metrics.nmi(truth, merged),
         "seconds": round(time.time() - t0),
+    }
+
+
+def two_stage(adata: ad.AnnData, model: scmoesim.MoESim, truth, seed: int, args) -> dict:
+    """Leiden on the model's latent, then those clusters as labels of a second 40-expert model."""
+    clusters = leiden(model.get_latent_representation(), seed)
+    adata = adata.copy()
+    adata.obs["stage1"] = pd.Categorical(clusters)
+    scvi.settings.seed = seed
+    scmoesim.MoESim.setup_anndata(adata, labels_key="stage1")
+    second = scmoesim.MoESim(adata, n_experts=N_EXPERTS, likelihood="normal")
+    second.train(max_epochs=args.max_epochs, enable_progress_bar=False)
+    pred = np.asarray(second.predict()).astype(str)
+    return {
+        "latent Leiden K": len(set(clusters)),
+        "latent Leiden ARI": metrics.ari(truth, clusters),
+        "two-stage K": second.effective_n_clusters(),
+        "two-stage ARI": metrics.ari(truth, pred),
     }
 
 
@@ -105,6 +127,16 @@ def to_markdown(df: pd.DataFrame, command: str, args) -> str:
         "",
         f"Extra model settings: {args.model_kwargs or 'none'}.",
         "",
+        *(
+            [
+                "Two-stage columns: Leiden (resolution 1) on that model's latent, and a second "
+                f"model ({N_EXPERTS} experts, default settings) trained with those clusters as "
+                "`labels_key`, scored by its gate.",
+                "",
+            ]
+            if args.two_stage
+            else []
+        ),
         df.to_markdown(index=False, floatfmt=".3f"),
         "",
     ]
@@ -121,6 +153,11 @@ def main() -> None:
     parser.add_argument("--model-kwargs", default="{}", help="extra MoESim kwargs as JSON")
     parser.add_argument(
         "--merge-resolution", type=float, default=1.0, help="resolution of merge_clusters"
+    )
+    parser.add_argument(
+        "--two-stage",
+        action="store_true",
+        help="also Leiden on the latent, and a second model trained on those clusters as labels",
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
