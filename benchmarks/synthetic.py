@@ -16,6 +16,8 @@ Usage::
 
 import argparse
 import json
+import shlex
+import sys
 import time
 import warnings
 
@@ -170,9 +172,7 @@ def main() -> None:
     df = pd.DataFrame(rows)
     print(df.to_string(index=False))
     if args.out:
-        import sys
-
-        command = "python " + " ".join(sys.argv)
+        command = "python " + shlex.join(sys.argv)
         with open(args.out, "w") as fh:
             fh.write(to_markdown(df, command, args))
 
