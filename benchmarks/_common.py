@@ -7,6 +7,7 @@ from datetime import date
 import numpy as np
 import pandas as pd
 import scanpy as sc
+import scvi
 from anndata import AnnData
 from sklearn.cluster import KMeans
 
@@ -60,6 +61,23 @@ def leiden(x: np.ndarray, seed: int) -> np.ndarray:
     return tmp.obs["leiden"].astype(str).to_numpy()
 
 
+def fit_on_clusters(
+    adata: AnnData, clusters: np.ndarray, seed: int, max_epochs: int | None, **model_kwargs
+) -> scmoesim.MoESim:
+    """The second stage of the two-stage route: a model trained with ``clusters`` as labels.
+
+    ``model_kwargs`` go to :class:`scmoesim.MoESim`; ``layer`` among them goes to
+    ``setup_anndata``. ``adata`` is copied, not changed.
+    """
+    adata = adata.copy()
+    adata.obs["stage1"] = pd.Categorical(clusters)
+    scvi.settings.seed = seed
+    scmoesim.MoESim.setup_anndata(adata, layer=model_kwargs.pop("layer", None), labels_key="stage1")
+    model = scmoesim.MoESim(adata, **model_kwargs)
+    model.train(max_epochs=max_epochs, enable_progress_bar=False)
+    return model
+
+
 def kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     """k-means told the true K."""
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
@@ -68,10 +86,7 @@ def kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 def environment() -> str:
     """One line of package versions and machine."""
     import anndata
-    import scvi
     import torch
-
-    import scmoesim
 
     return (
         f"python {sys.version.split()[0]}, scmoesim {scmoesim.__version__}, scvi-tools "

@@ -67,7 +67,7 @@ from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
 import scmoesim
-from _common import environment, kmeans, leiden, log_pca
+from _common import environment, fit_on_clusters, kmeans, leiden, log_pca
 from scmoesim import datasets, metrics
 
 warnings.filterwarnings("ignore")
@@ -291,12 +291,9 @@ def moesim_kl2_latent_leiden(ds: Dataset, seed: int, opts: argparse.Namespace) -
 
 def moesim_two_stage(ds: Dataset, seed: int, opts: argparse.Namespace) -> np.ndarray:
     """The kl_weight=2 model's Leiden clusters as labels of a second model (default settings)."""
-    adata = ds.adata.copy()
-    adata.obs["stage1"] = pd.Categorical(_kl2_latent_clusters(ds, seed, opts))
-    scvi.settings.seed = seed
-    scmoesim.MoESim.setup_anndata(adata, layer=ds.layer, labels_key="stage1")
-    model = scmoesim.MoESim(adata, likelihood=ds.likelihood, **opts.moesim_kwargs)
-    model.train(max_epochs=opts.max_epochs, enable_progress_bar=False)
+    clusters = _kl2_latent_clusters(ds, seed, opts)
+    kwargs = {"layer": ds.layer, "likelihood": ds.likelihood, **opts.moesim_kwargs}
+    model = fit_on_clusters(ds.adata, clusters, seed, opts.max_epochs, **kwargs)
     return np.asarray(model.predict()).astype(str)
 
 

@@ -28,7 +28,7 @@ import scvi
 import torch
 
 import scmoesim
-from _common import environment, leiden
+from _common import environment, fit_on_clusters, leiden
 from scmoesim import metrics
 
 warnings.filterwarnings("ignore")
@@ -101,12 +101,9 @@ def run_one(n_components: int, seed: int, args) -> dict:
 def two_stage(adata: ad.AnnData, model: scmoesim.MoESim, truth, seed: int, args) -> dict:
     """Leiden on the model's latent, then those clusters as labels of a second 40-expert model."""
     clusters = leiden(model.get_latent_representation(), seed)
-    adata = adata.copy()
-    adata.obs["stage1"] = pd.Categorical(clusters)
-    scvi.settings.seed = seed
-    scmoesim.MoESim.setup_anndata(adata, labels_key="stage1")
-    second = scmoesim.MoESim(adata, n_experts=N_EXPERTS, likelihood="normal")
-    second.train(max_epochs=args.max_epochs, enable_progress_bar=False)
+    second = fit_on_clusters(
+        adata, clusters, seed, args.max_epochs, n_experts=N_EXPERTS, likelihood="normal"
+    )
     pred = np.asarray(second.predict()).astype(str)
     return {
         "latent Leiden K": len(set(clusters)),
