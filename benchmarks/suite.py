@@ -16,7 +16,8 @@ Methods (each run on every dataset, several seeds):
   pull towards the expert centres; the labelled sources' default);
 * ``moesim_two_stage``: those Leiden clusters given as ``labels_key`` to a second model with
   default settings, scored by the second model's gate (every cluster gets an expert to generate
-  from); reuses the clusters of ``moesim_kl2_latent_leiden`` of the same dataset and seed;
+  from); reuses the clusters of ``moesim_kl2_latent_leiden`` of the same dataset and seed (its
+  ``seconds`` then count the second model only: the route costs the sum of the two rows);
 * ``pca_leiden``: Leiden at the default resolution (1.0) on the kNN graph of the PCA;
 * ``kmeans`` and ``gmm``: k-means and a Gaussian mixture told the true number of classes, on PCA;
 * ``scvi_leiden``: Leiden on scVI's latent space (NB likelihood on counts, Gaussian otherwise;
