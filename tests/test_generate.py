@@ -182,6 +182,17 @@ def test_uniform_and_given_proportions(model):
         model.generate(10, proportions={"liver": 1})
 
 
+def test_clusters_takes_names_only(model):
+    """One name may be given bare; a dict of counts or weights is pointed to the right argument
+    (iterating it used to take its keys and drop the numbers without a word)."""
+    gen = model.generate(5, clusters="leukocyte")
+    assert (gen.obs["moesim_cluster"] == "leukocyte").all() and gen.n_obs == 5
+    with pytest.raises(TypeError, match=r"give \{cluster: n\} as n_cells"):
+        model.generate(10, clusters={"leukocyte": 3})
+    with pytest.raises(ValueError, match="Unknown cluster"):
+        model.generate(10, clusters=3)
+
+
 def test_library_sizes_come_from_the_clusters_real_cells(model):
     real = model._pass()
     gen = model.generate(400, seed=2, batch="F")

@@ -48,8 +48,8 @@ class GenerateMixin:
             Total number of cells, split over the clusters by ``proportions``; or
             ``{cluster: n}`` for exact numbers per cluster.
         clusters
-            Cluster names (see ``model.cluster_names_``) to generate; ``None``: every cluster
-            that holds training cells (or the clusters named in ``proportions``).
+            Cluster names (see ``model.cluster_names_``) to generate, or one name; ``None``:
+            every cluster that holds training cells (or the clusters named in ``proportions``).
         proportions
             How an integer ``n_cells`` is split: ``"training"`` (default) in the proportions of
             the training cells per cluster, ``"uniform"`` equally, or ``{cluster: weight}``
@@ -302,7 +302,12 @@ class GenerateMixin:
             if clusters is None:
                 chosen = [n for n in names if cluster_usage[index[n]] > 0]
             else:
-                if isinstance(clusters, str):
+                if isinstance(clusters, Mapping):
+                    raise TypeError(
+                        "clusters takes cluster names; give {cluster: n} as n_cells, or "
+                        "{cluster: weight} as proportions."
+                    )
+                if np.isscalar(clusters):  # one name, given bare
                     clusters = [clusters]
                 _check_cluster_names(clusters, index)
                 chosen = list(dict.fromkeys(str(c) for c in clusters))
