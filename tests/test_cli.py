@@ -228,6 +228,19 @@ def test_unlabeled_category_follows_column_type():
     assert cli._coerce_category(pd.Series(["a", "unknown"]), "unknown") == "unknown"
 
 
+def test_cli_copies_of_model_constants_agree(capsys):
+    """The CLI keeps its own copies (importing the model loads torch before --help); the help
+    once said 10 experts without labels where the model used 20."""
+    from scmoesim._constants import LIKELIHOODS
+    from scmoesim.model._moesim import UNSUPERVISED_N_EXPERTS
+
+    assert cli._LIKELIHOODS == LIKELIHOODS
+    assert cli._UNSUPERVISED_N_EXPERTS == UNSUPERVISED_N_EXPERTS
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--help"])
+    assert f"else {UNSUPERVISED_N_EXPERTS})" in " ".join(capsys.readouterr().out.split())
+
+
 # ---------------------------------------------------------------- help, demo
 @pytest.mark.parametrize(
     ("command", "options"),

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
+# Copies of the model's constants: importing them would load torch before --help.
 _LIKELIHOODS = ("nb", "zinb", "poisson", "normal", "bernoulli")
+_UNSUPERVISED_N_EXPERTS = 20
 _QUIET_LOGGERS = (
     "lightning",
     "lightning.pytorch",
@@ -559,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument(
         "--embedding-key",
         default=None,
-        help="obsm key (e.g. X_pca) for the unsupervised kNN similarity",
+        help="obsm key (e.g. X_umap from scmoesim.pp.umap_embedding, the paper's choice, or "
+        "X_pca) for the unsupervised kNN similarity",
     )
     mdl = fit.add_argument_group("model and training")
     mdl.add_argument(
@@ -568,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="K",
         help="number of experts = maximal number of clusters (default: number of label "
-        "classes or signatures + 1, else 10)",
+        f"classes or signatures + 1, else {_UNSUPERVISED_N_EXPERTS})",
     )
     mdl.add_argument(
         "--n-latent", type=_int_at_least(1), default=20, help="latent dimension (default: 20)"
