@@ -152,6 +152,53 @@ def test_fit_counts_layer_with_csv_signatures(kidney, tmp_path, capsys):
     assert np.array_equal(new.X.data, np.round(new.X.data))
 
 
+def test_fit_umap_for_the_knn_similarity(files, tmp_path, capsys):
+    """--umap: unlabelled data need no Python step; the projection goes to its own key, and the
+    input's 2-D X_umap (a plotting layout) and neighbour graph come through unchanged."""
+    root, src = files
+    out = tmp_path / "u.h5ad"
+    argv = ["fit", str(root / "pbmc.h5ad"), "-o", str(out), "--likelihood", "normal"]
+    assert cli.main([*argv, "--umap", "--umap-components", "3", "--n-experts", "6", *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "UMAP projection (3-D) in obsm['X_umap_moesim']" in printed
+    adata = ad.read_h5ad(out)
+    emb = adata.obsm["X_umap_moesim"]
+    assert emb.shape == (src.n_obs, 3) and np.isfinite(emb).all() and emb.std(0).min() > 0
+    np.testing.assert_array_equal(adata.obsm["X_umap"], src.obsm["X_umap"])
+    assert set(adata.obsp) == set(src.obsp)
+    assert {k for k in adata.uns if not k.startswith("_scvi")} == set(src.uns) | {"moesim"}
+    assert adata.obsm["moesim_proba"].shape == (src.n_obs, 6)
+    argv[3] = str(tmp_path / "never.h5ad")
+    assert cli.main([*argv, "--umap", "--embedding-key", "X_pca", *FAST]) == 1
+    assert "either --umap or --embedding-key" in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / "never.h5ad").exists()
+
+
+def test_umap_projection_of_counts_uses_log_pca(kidney):
+    """With a count likelihood the projection is of the PCA of the log-normalised counts: the
+    same as computing that by hand, and the input is not touched."""
+    import scanpy as sc
+
+    from scmoesim import pp
+
+    before = kidney.copy()
+    args = cli.build_parser().parse_args(
+        ["fit", "in.h5ad", "-o", "o.h5ad", "--layer", "counts", "--umap", "--seed", "1"]
+    )
+    emb = cli._umap_projection(kidney, args)
+    ref = ad.AnnData(kidney.layers["counts"].astype(np.float32))
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    sc.pp.pca(ref, n_comps=50, random_state=1)
+    pp.umap_embedding(ref, use_rep="X_pca", random_state=1)
+    np.testing.assert_allclose(emb, ref.obsm["X_umap"], rtol=1e-5, atol=1e-5)
+    assert emb.shape == (kidney.n_obs, 2)
+    assert set(kidney.obsm) == set(before.obsm) and set(kidney.uns) == set(before.uns)
+    args.layer = "nope"
+    with pytest.raises(cli.CLIError, match="layer 'nope' not found"):
+        cli._umap_projection(kidney, args)
+
+
 # ---------------------------------------------------------------- generate
 def test_generate_chosen_clusters_reproducible(files, fitted, capsys):
     root, _ = files
@@ -249,7 +296,8 @@ def test_cli_copies_of_model_constants_agree(capsys):
             "fit",
             ["--layer", "--batch-key", "--labels-key", "--unlabeled-category", "--signatures"]
             + ["--embedding-key", "--n-experts", "--n-latent", "--likelihood", "--epochs"]
-            + ["--batch-size", "--accelerator", "--seed", "--save-model", "--force", "--quiet"],
+            + ["--batch-size", "--accelerator", "--seed", "--save-model", "--force", "--quiet"]
+            + ["--umap", "--umap-components"],
         ),
         (
             "generate",

@@ -3,7 +3,8 @@
 ``scmoesim fit``
     Register an ``.h5ad`` (layer, batch, labels, signatures, embedding), train MoESim, write the
     annotated AnnData (``obsm["X_moesim"]``, ``obs["moesim_cluster"]``, ``obsm["moesim_proba"]``,
-    ``uns["moesim"]``) and optionally save the model.
+    ``uns["moesim"]``) and optionally save the model. ``--umap`` computes the paper's UMAP
+    projection for the unsupervised kNN similarity (``obsm["X_umap_moesim"]`` of the output).
 ``scmoesim generate``
     Load a saved model and generate new cells of chosen clusters into an ``.h5ad``.
 ``scmoesim demo``
@@ -30,11 +31,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     from anndata import AnnData
 
 # Copies of the model's constants: importing them would load torch before --help.
 _LIKELIHOODS = ("nb", "zinb", "poisson", "normal", "bernoulli")
 _UNSUPERVISED_N_EXPERTS = 20
+_UMAP_KEY = "X_umap_moesim"  # not X_umap: a 2-D plotting layout in the input stays as it is
 _QUIET_LOGGERS = (
     "lightning",
     "lightning.pytorch",
@@ -309,7 +312,40 @@ def _write_umap_figure(
 # ---------------------------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------------------------
+def _umap_projection(adata: AnnData, args: argparse.Namespace) -> np.ndarray:
+    """The paper's UMAP of the data, computed on a scratch AnnData (no other key is written)."""
+    import numpy as np
+    import scanpy as sc
+    from anndata import AnnData
+    from scipy import sparse
+
+    from scmoesim import pp
+
+    if args.layer is not None and args.layer not in adata.layers:
+        raise CLIError(
+            f"layer {args.layer!r} not found in adata.layers (available: {list(adata.layers)})."
+        )
+    x = adata.layers[args.layer] if args.layer is not None else adata.X
+    tmp = AnnData(X=x.copy().astype(np.float32), obs=adata.obs[[]].copy())
+    if args.likelihood in ("nb", "zinb", "poisson"):
+        sc.pp.normalize_total(tmp, target_sum=1e4)
+        sc.pp.log1p(tmp)
+    use_rep = "X"
+    if args.likelihood in ("nb", "zinb", "poisson") or tmp.n_vars > 50:
+        n_comps = min(50, tmp.n_obs - 1, tmp.n_vars - 1)
+        sc.pp.pca(tmp, n_comps=n_comps, random_state=args.seed)
+        use_rep = "X_pca"
+    elif sparse.issparse(tmp.X):
+        tmp.X = tmp.X.toarray()
+    pp.umap_embedding(
+        tmp, n_components=args.umap_components, use_rep=use_rep, random_state=args.seed
+    )
+    return np.asarray(tmp.obsm["X_umap"])
+
+
 def _fit(args: argparse.Namespace) -> int:
+    if args.umap and args.embedding_key is not None:
+        raise CLIError("give either --umap or --embedding-key, not both.")
     out = Path(args.output)
     model_dir = Path(args.save_model) if args.save_model else None
     _check_output(out, args.force)
@@ -328,6 +364,12 @@ def _fit(args: argparse.Namespace) -> int:
     if args.labels_key is not None and args.labels_key in adata.obs:
         unlabeled = _coerce_category(adata.obs[args.labels_key], unlabeled)
     print(f"{args.input}: {adata.n_obs} cells x {adata.n_vars} genes")
+    embedding_key = args.embedding_key
+    if args.umap:
+        with _user_errors():
+            adata.obsm[_UMAP_KEY] = _umap_projection(adata, args)
+        embedding_key = _UMAP_KEY
+        print(f"UMAP projection ({args.umap_components}-D) in obsm['{_UMAP_KEY}']")
     with _user_errors():
         MoESim.setup_anndata(
             adata,
@@ -337,7 +379,7 @@ def _fit(args: argparse.Namespace) -> int:
             unlabeled_category=unlabeled,
             signatures=signatures,
             signature_threshold=args.signature_threshold,
-            embedding_key=args.embedding_key,
+            embedding_key=embedding_key,
         )
     scvi.settings.seed = args.seed
     with _user_errors():
@@ -368,9 +410,10 @@ def _fit(args: argparse.Namespace) -> int:
             + f"; {rep['n_clusters']} clusters"
         )
     _write_h5ad(adata, out)
+    umap_key = f", obsm['{_UMAP_KEY}']" if args.umap else ""
     print(
         f"wrote {out} (obsm['X_moesim'], obs['moesim_cluster'], obsm['moesim_proba'], "
-        "uns['moesim'])"
+        f"uns['moesim']{umap_key})"
     )
     if model_dir is not None:
         try:
@@ -514,8 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
         "obsm['X_moesim'] (latent space), obs['moesim_cluster'], obsm['moesim_proba'] (gate "
         "probabilities) and uns['moesim']. Prints the clusters and their sizes, and with "
         "--labels-key the F-measure, NMI and ARI against the labelled cells.",
-        epilog="example: scmoesim fit pbmc.h5ad -o pbmc_moesim.h5ad --layer counts "
-        "--signatures markers.json --save-model moesim_model",
+        epilog="examples: scmoesim fit pbmc.h5ad -o pbmc_moesim.h5ad --layer counts "
+        "--signatures markers.json --save-model moesim_model; without labels or markers: "
+        "scmoesim fit pbmc.h5ad -o pbmc_moesim.h5ad --layer counts --umap",
     )
     fit.add_argument("input", metavar="INPUT.h5ad", help="input AnnData")
     fit.add_argument(
@@ -563,6 +607,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="obsm key (e.g. X_umap from scmoesim.pp.umap_embedding, the paper's choice, or "
         "X_pca) for the unsupervised kNN similarity",
+    )
+    setup.add_argument(
+        "--umap",
+        action="store_true",
+        help=f"compute the paper's UMAP projection for the kNN similarity and write it to "
+        f"obsm['{_UMAP_KEY}'] of the output (with a count likelihood, of the PCA of the "
+        "log-normalised counts; else of the data, or of its PCA above 50 features)",
+    )
+    setup.add_argument(
+        "--umap-components",
+        type=_int_at_least(2),
+        default=2,
+        metavar="D",
+        help="dimension of --umap's projection (default: 2; 10 suits images and data with many "
+        "classes)",
     )
     mdl = fit.add_argument_group("model and training")
     mdl.add_argument(
