@@ -168,6 +168,15 @@ def test_fit_umap_for_the_knn_similarity(files, tmp_path, capsys):
     assert set(adata.obsp) == set(src.obsp)
     assert {k for k in adata.uns if not k.startswith("_scvi")} == set(src.uns) | {"moesim"}
     assert adata.obsm["moesim_proba"].shape == (src.n_obs, 6)
+    # generate loads the model on data holding the projection: fit's output, not its input
+    model_dir = tmp_path / "umodel"
+    argv[3] = str(tmp_path / "u2.h5ad")
+    assert cli.main([*argv, "--umap", "--save-model", str(model_dir), *FAST]) == 0
+    gen = ["generate", str(model_dir), "--n-cells", "20", "-o", str(tmp_path / "g.h5ad")]
+    assert cli.main([*gen, "--adata", str(root / "pbmc.h5ad"), "--quiet"]) == 1
+    assert "needs the output of `scmoesim fit` as --adata" in _error_line(capsys.readouterr().err)
+    assert cli.main([*gen, "--adata", str(tmp_path / "u2.h5ad"), "--quiet"]) == 0
+    assert ad.read_h5ad(tmp_path / "g.h5ad").n_obs == 20
     argv[3] = str(tmp_path / "never.h5ad")
     assert cli.main([*argv, "--umap", "--embedding-key", "X_pca", *FAST]) == 1
     assert "either --umap or --embedding-key" in _error_line(capsys.readouterr().err)

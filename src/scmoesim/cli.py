@@ -444,8 +444,16 @@ def _generate(args: argparse.Namespace) -> int:
 
     from scmoesim import MoESim
 
-    with _user_errors(f"cannot load the model from {model_dir}: "):
-        model = MoESim.load(str(model_dir), adata=adata, accelerator=args.accelerator)
+    try:
+        with _user_errors(f"cannot load the model from {model_dir}: "):
+            model = MoESim.load(str(model_dir), adata=adata, accelerator=args.accelerator)
+    except CLIError as err:
+        if _UMAP_KEY not in str(err):
+            raise
+        raise CLIError(
+            f"{err} A model fitted with --umap needs the output of `scmoesim fit` as --adata: "
+            f"it holds obsm['{_UMAP_KEY}']."
+        ) from err
     with _user_errors():
         generated = model.generate(
             args.n_cells,
