@@ -82,6 +82,12 @@ def test_umap_embedding_errors():
         scmoesim.pp.umap_embedding(adata, use_rep="X_nope")
     with pytest.raises(ValueError, match="n_components"):
         scmoesim.pp.umap_embedding(adata, n_components=0)
+    for bad in (-1, float("nan")):  # -1 used to give a layout without a word
+        with pytest.raises(ValueError, match="min_dist must be a finite number >= 0"):
+            scmoesim.pp.umap_embedding(adata, min_dist=bad)
+    with pytest.raises(TypeError, match="min_dist must be a number"):
+        scmoesim.pp.umap_embedding(adata, min_dist="0.1")
+    assert "X_umap" not in adata.obsm
     with pytest.raises(ValueError, match="n_neighbors"):
         scmoesim.pp.neighbors(adata, n_neighbors=1)
     with pytest.raises(TypeError, match="AnnData"):

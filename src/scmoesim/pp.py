@@ -179,6 +179,10 @@ def umap_embedding(
     _check_common(adata, n_neighbors, use_rep)
     if not isinstance(n_components, int | np.integer) or n_components < 1:
         raise ValueError(f"n_components must be a positive integer, got {n_components!r}.")
+    if isinstance(min_dist, bool) or not isinstance(min_dist, int | float | np.number):
+        raise TypeError(f"min_dist must be a number, got {min_dist!r}.")
+    if not (np.isfinite(min_dist) and min_dist >= 0):
+        raise ValueError(f"min_dist must be a finite number >= 0, got {min_dist!r}.")
     if n_epochs is not None and (not isinstance(n_epochs, int | np.integer) or n_epochs < 1):
         raise ValueError(f"n_epochs must be a positive integer or None, got {n_epochs!r}.")
     if not key_added:
