@@ -229,7 +229,7 @@ def test_knn_source_and_batch_covariate(kidney):
 
 def test_no_source_warns(kidney):
     MoESim.setup_anndata(kidney, layer="counts")
-    with pytest.warns(UserWarning, match="No similarity source registered"):
+    with pytest.warns(UserWarning, match="No similarity source registered.*umap_embedding"):
         MoESim(kidney, n_experts=3)
 
 

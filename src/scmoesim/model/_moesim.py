@@ -239,8 +239,9 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             warnings.warn(
                 "No similarity source registered (labels_key, signatures, embedding_key or "
                 "graph_key): the "
-                "gate is trained by the DEPICT loss alone. Register embedding_key (e.g. 'X_pca') "
-                "for the paper's unsupervised kNN similarity.",
+                "gate is trained by the DEPICT loss alone. For the paper's unsupervised kNN "
+                "similarity register embedding_key: 'X_umap' from scmoesim.pp.umap_embedding "
+                "(command line: --umap), or e.g. 'X_pca'.",
                 UserWarning,
                 stacklevel=2,
             )
