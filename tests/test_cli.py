@@ -203,6 +203,7 @@ def test_umap_projection_of_counts_uses_log_pca(kidney):
     np.testing.assert_allclose(emb, ref.obsm["X_umap"], rtol=1e-5, atol=1e-5)
     assert emb.shape == (kidney.n_obs, 2)
     assert set(kidney.obsm) == set(before.obsm) and set(kidney.uns) == set(before.uns)
+    assert (kidney.layers["counts"] != before.layers["counts"]).nnz == 0
     args.layer = "nope"
     with pytest.raises(cli.CLIError, match="layer 'nope' not found"):
         cli._umap_projection(kidney, args)

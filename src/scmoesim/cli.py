@@ -320,18 +320,20 @@ def _umap_projection(adata: AnnData, args: argparse.Namespace) -> np.ndarray:
     from scipy import sparse
 
     from scmoesim import pp
+    from scmoesim._constants import COUNT_LIKELIHOODS
 
     if args.layer is not None and args.layer not in adata.layers:
         raise CLIError(
             f"layer {args.layer!r} not found in adata.layers (available: {list(adata.layers)})."
         )
     x = adata.layers[args.layer] if args.layer is not None else adata.X
-    tmp = AnnData(X=x.copy().astype(np.float32), obs=adata.obs[[]].copy())
-    if args.likelihood in ("nb", "zinb", "poisson"):
+    tmp = AnnData(X=x.astype(np.float32), obs=adata.obs[[]].copy())  # astype copies
+    counts = args.likelihood in COUNT_LIKELIHOODS
+    if counts:
         sc.pp.normalize_total(tmp, target_sum=1e4)
         sc.pp.log1p(tmp)
     use_rep = "X"
-    if args.likelihood in ("nb", "zinb", "poisson") or tmp.n_vars > 50:
+    if counts or tmp.n_vars > 50:
         n_comps = min(50, tmp.n_obs - 1, tmp.n_vars - 1)
         sc.pp.pca(tmp, n_comps=n_comps, random_state=args.seed)
         use_rep = "X_pca"
