@@ -158,7 +158,8 @@ def test_fit_umap_for_the_knn_similarity(files, tmp_path, capsys):
     root, src = files
     out = tmp_path / "u.h5ad"
     argv = ["fit", str(root / "pbmc.h5ad"), "-o", str(out), "--likelihood", "normal"]
-    assert cli.main([*argv, "--umap", "--umap-components", "3", "--n-experts", "6", *FAST]) == 0
+    umap = ["--umap", "--umap-components", "3", "--umap-min-dist", "0.1"]
+    assert cli.main([*argv, *umap, "--n-experts", "6", *FAST]) == 0
     printed = capsys.readouterr().out
     assert "UMAP projection (3-D) in obsm['X_umap_moesim']" in printed
     adata = ad.read_h5ad(out)
@@ -204,6 +205,9 @@ def test_umap_projection_of_counts_uses_log_pca(kidney):
     assert emb.shape == (kidney.n_obs, 2)
     assert set(kidney.obsm) == set(before.obsm) and set(kidney.uns) == set(before.uns)
     assert (kidney.layers["counts"] != before.layers["counts"]).nnz == 0
+    args.umap_min_dist = -1.0
+    with pytest.raises(ValueError, match="min_dist must be a finite number >= 0"):
+        cli._umap_projection(kidney, args)
     args.layer = "nope"
     with pytest.raises(cli.CLIError, match="layer 'nope' not found"):
         cli._umap_projection(kidney, args)
@@ -307,7 +311,7 @@ def test_cli_copies_of_model_constants_agree(capsys):
             ["--layer", "--batch-key", "--labels-key", "--unlabeled-category", "--signatures"]
             + ["--embedding-key", "--n-experts", "--n-latent", "--likelihood", "--epochs"]
             + ["--batch-size", "--accelerator", "--seed", "--save-model", "--force", "--quiet"]
-            + ["--umap", "--umap-components"],
+            + ["--umap", "--umap-components", "--umap-min-dist"],
         ),
         (
             "generate",

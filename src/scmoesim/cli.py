@@ -340,7 +340,11 @@ def _umap_projection(adata: AnnData, args: argparse.Namespace) -> np.ndarray:
     elif sparse.issparse(tmp.X):
         tmp.X = tmp.X.toarray()
     pp.umap_embedding(
-        tmp, n_components=args.umap_components, use_rep=use_rep, random_state=args.seed
+        tmp,
+        n_components=args.umap_components,
+        min_dist=args.umap_min_dist,
+        use_rep=use_rep,
+        random_state=args.seed,
     )
     return np.asarray(tmp.obsm["X_umap"])
 
@@ -630,8 +634,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_at_least(2),
         default=2,
         metavar="D",
-        help="dimension of --umap's projection (default: 2; 10 suits images and data with many "
-        "classes)",
+        help="dimension of --umap's projection (default: 2; 10, with --umap-min-dist 0.1, "
+        "suits images and data with many classes)",
+    )
+    setup.add_argument(
+        "--umap-min-dist",
+        type=float,
+        default=0.5,
+        metavar="M",
+        help="UMAP's min_dist for --umap (default: 0.5, scanpy's)",
     )
     mdl = fit.add_argument_group("model and training")
     mdl.add_argument(
