@@ -208,9 +208,21 @@ def test_umap_projection_of_counts_uses_log_pca(kidney):
     args.umap_min_dist = -1.0
     with pytest.raises(ValueError, match="min_dist must be a finite number >= 0"):
         cli._umap_projection(kidney, args)
+    args.umap_min_dist = 0.5
+    bad = kidney.copy()
+    bad.layers["counts"] = bad.layers["counts"].astype(np.float32)
+    bad.layers["counts"].data[0] = np.nan
+    with pytest.raises(ValueError, match="contains NaN or infinite values"):
+        cli._umap_projection(bad, args)
+    with pytest.raises(ValueError, match="adata is empty"):
+        cli._umap_projection(kidney[:0].copy(), args)
     args.layer = "nope"
-    with pytest.raises(cli.CLIError, match="layer 'nope' not found"):
+    with pytest.raises(KeyError, match="layer 'nope' not found"):
         cli._umap_projection(kidney, args)
+    args.layer = None
+    no_x = ad.AnnData(obs=kidney.obs, var=kidney.var)
+    with pytest.raises(ValueError, match="adata.X is None"):
+        cli._umap_projection(no_x, args)
 
 
 # ---------------------------------------------------------------- generate

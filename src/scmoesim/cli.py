@@ -321,12 +321,12 @@ def _umap_projection(adata: AnnData, args: argparse.Namespace) -> np.ndarray:
 
     from scmoesim import pp
     from scmoesim._constants import COUNT_LIKELIHOODS
+    from scmoesim.model import _validate as V
 
-    if args.layer is not None and args.layer not in adata.layers:
-        raise CLIError(
-            f"layer {args.layer!r} not found in adata.layers (available: {list(adata.layers)})."
-        )
-    x = adata.layers[args.layer] if args.layer is not None else adata.X
+    # setup_anndata's checks (empty data, missing layer or X, dtype, NaN), before PCA and UMAP
+    # turn them into less readable errors; setup_anndata runs them again after the projection
+    V.check_adata_basics(adata, args.layer)
+    x = V.get_matrix(adata, args.layer)
     tmp = AnnData(X=x.astype(np.float32), obs=adata.obs[[]].copy())  # astype copies
     counts = args.likelihood in COUNT_LIKELIHOODS
     if counts:
