@@ -300,6 +300,20 @@ def test_seed_chunks_and_store_mean(model):
         model.generate(5, chunk_size=0)
 
 
+def test_freed_chunk_memory_is_released_every_so_many_cells(model, monkeypatch):
+    """Not after every chunk (page faults on the next chunk's buffers), but periodically."""
+    from scmoesim.model import _generate
+
+    calls = []
+    monkeypatch.setattr(_generate, "release_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(_generate, "_RELEASE_EVERY_CELLS", 100)
+    model.generate(330, seed=0, chunk_size=40)  # 9 chunks; past 100 cells at 120, 240
+    assert len(calls) == 2
+    calls.clear()
+    model.generate(330, seed=0, chunk_size=200)  # every chunk reaches the count
+    assert len(calls) == 2
+
+
 def test_filename_writes_backed_h5ad(model, tmp_path):
     path = tmp_path / "gen.h5ad"
     mem = model.generate(250, seed=6, chunk_size=64)
