@@ -5,6 +5,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from scvi.train import TrainingPlan
 
+from ._epoch_means import EpochMeans
+
 
 class InterruptFlag(Callback):
     """Remembers whether training stopped on a user interrupt (Ctrl-C / KeyboardInterrupt).
@@ -31,7 +33,11 @@ class MoESimTrainingPlan(TrainingPlan):
     After each optimisation step the running sums that define the centres ``mu_k`` (paper Eq. 6)
     are updated from the minibatch's ``sum_i p_ik z_i`` and ``sum_i p_ik``. Under
     multi-process training (DDP) the sums are all-reduced first, so every process holds the same
-    centres. Each loss term is logged (``similarity_loss_train``, ``depict_loss_train``, ...).
+    centres. Each loss term is logged (``similarity_loss_train``, ``depict_loss_train``, ...):
+    by default (``on_step=False``) as the epoch's mean, summed on the device during the epoch
+    and logged once at its end, which spares Lightning's per-call cost of about 0.7 ms per
+    value and step (a fifth of the training time on MNIST); ``plan_kwargs={"on_step": True}``
+    logs every step as scvi-tools does.
 
     Parameters
     ----------
@@ -69,6 +75,10 @@ class MoESimTrainingPlan(TrainingPlan):
             )
         super().__init__(module, n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs)
         self.n_epochs_similarity_warmup = n_epochs_similarity_warmup
+        # epoch-level logging (the default, on_step=False) sums on the device and logs once
+        # per epoch; with on_step=True every step is logged through Lightning as scvi does
+        self._epoch_means = {"train": EpochMeans(), "validation": EpochMeans()}
+        self._elbo_updated = {"train": False, "validation": False}
 
     @property
     def clustering_scale(self) -> float:
@@ -106,27 +116,54 @@ class MoESimTrainingPlan(TrainingPlan):
             self.loss_kwargs.update({"kl_weight": self.kl_weight})
         self.loss_kwargs["clustering_scale"] = self.clustering_scale
         inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
-        self.log(
-            "train_loss",
-            loss_output.loss,
-            on_step=self.on_step,
-            on_epoch=self.on_epoch,
-            prog_bar=True,
-            sync_dist=self.use_sync_dist,
-        )
+        self._log_loss("train_loss", loss_output, "train")
         self.compute_and_log_metrics(loss_output, self.train_metrics, "train")
         self._em_update(inference_outputs)
         return loss_output.loss
 
-    def compute_and_log_metrics(self, loss_output, metrics, mode: str) -> None:
-        """scvi-tools' ELBO logging, then the extra loss terms logged outside inference mode.
+    def validation_step(self, batch, batch_idx):
+        """Validation loss and metrics (scvi-tools' step, with epoch-level logging)."""
+        _, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        self._log_loss("validation_loss", loss_output, "validation")
+        self.compute_and_log_metrics(loss_output, self.val_metrics, "validation")
 
-        scvi-tools logs extra metrics inside ``torch.inference_mode``; Lightning then holds
-        inference tensors that it cannot all-reduce in place at the end of a DDP epoch
-        ("Inplace update to inference tensor outside InferenceMode"). Logging them here avoids
-        that and leaves single-process logging unchanged.
+    def _log_loss(self, name: str, loss_output, mode: str) -> None:
+        if self.on_step:
+            self.log(
+                name,
+                loss_output.loss,
+                on_step=self.on_step,
+                on_epoch=self.on_epoch,
+                prog_bar=mode == "train",
+                sync_dist=self.use_sync_dist,
+            )
+        else:
+            self._epoch_means[mode].add(name, loss_output.loss, loss_output.n_obs_minibatch)
+
+    def compute_and_log_metrics(self, loss_output, metrics, mode: str) -> None:
+        """scvi-tools' ELBO metrics and the extra loss terms (similarity, DEPICT, ...).
+
+        By default (``on_step=False``) the ELBO metrics are updated and the extra terms summed
+        on the device each step, and everything is logged once at the end of the epoch
+        (:meth:`on_train_epoch_end`, :meth:`on_validation_epoch_end`), with the values that
+        per-step ``self.log(..., on_epoch=True)`` would give. With ``on_step=True`` each step
+        is logged as scvi-tools does, the extra terms outside inference mode: scvi-tools logs
+        them inside ``torch.inference_mode``, and Lightning then holds inference tensors that it
+        cannot all-reduce in place at the end of a DDP epoch ("Inplace update to inference
+        tensor outside InferenceMode").
         """
         extra = loss_output.extra_metrics or {}
+        if not self.on_step:
+            metrics[f"elbo_{mode}"].update(
+                reconstruction_loss=loss_output.reconstruction_loss_sum,
+                kl_local=loss_output.kl_local_sum,
+                kl_global=loss_output.kl_global_sum,
+                n_obs_minibatch=loss_output.n_obs_minibatch,
+            )
+            self._elbo_updated[mode] = True
+            for key, value in extra.items():
+                self._epoch_means[mode].add(f"{key}_{mode}", value, loss_output.n_obs_minibatch)
+            return
         object.__setattr__(loss_output, "extra_metrics", {})
         try:
             super().compute_and_log_metrics(loss_output, metrics, mode)
@@ -141,6 +178,39 @@ class MoESimTrainingPlan(TrainingPlan):
                 batch_size=loss_output.n_obs_minibatch,
                 sync_dist=self.use_sync_dist,
             )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """After the epoch's last minibatch, log the training epoch's means.
+
+        Here rather than only in :meth:`on_train_epoch_end`: Lightning calls the callbacks'
+        ``on_train_epoch_end`` (the periodic checkpoint, which records the loss history) before
+        the module's.
+        """
+        if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._log_epoch("train", self.train_metrics)
+
+    def on_train_epoch_end(self) -> None:
+        """Log what is left of the training epoch's means.
+
+        Nothing, unless the epoch's last minibatch was not known in advance.
+        """
+        self._log_epoch("train", self.train_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation epoch's means before early stopping reads them."""
+        self._log_epoch("validation", self.val_metrics)
+
+    def _log_epoch(self, mode: str, metrics) -> None:
+        if self.on_step:
+            return
+        if self._elbo_updated[mode]:
+            for name, metric in metrics.items():
+                self.log(name, metric.compute(), on_step=False, on_epoch=True)
+            for metric in metrics.values():
+                metric.reset()
+            self._elbo_updated[mode] = False
+        for name, value in self._epoch_means[mode].pop_means().items():
+            self.log(name, value, on_step=False, on_epoch=True, prog_bar=name == "train_loss")
 
     @torch.no_grad()
     def _em_update(self, inference_outputs: dict) -> None:

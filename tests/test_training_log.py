@@ -1,0 +1,50 @@
+"""Loss logging: epoch means kept on the device, logged once per epoch."""
+
+import numpy as np
+import pytest
+import scvi
+import torch
+
+from scmoesim import MoESim, datasets
+from scmoesim.train._epoch_means import EpochMeans
+
+
+def test_epoch_means_weight_by_minibatch_size_and_start_afresh():
+    means = EpochMeans()
+    means.add("a", torch.tensor(1.0), 30)
+    means.add("a", torch.tensor(4.0, requires_grad=True), 10)  # detached, no graph kept
+    means.add("b", 2.5, 7)
+    out = means.pop_means()
+    assert set(out) == {"a", "b"}
+    assert out["a"].item() == pytest.approx((30 * 1.0 + 10 * 4.0) / 40)
+    assert out["b"].item() == pytest.approx(2.5)
+    assert not out["a"].requires_grad
+    assert means.pop_means() == {}
+
+
+def test_epoch_logging_equals_lightnings_aggregates_of_per_step_logging():
+    """The default (on_step=False) logs each value once per epoch; the history must hold what
+    Lightning computes from per-step logs (on_step=True, its ``_epoch`` keys), including the
+    validation minibatches of unequal size (40 cells in batches of 32)."""
+    adata = datasets.pbmc68k_reduced()[:400].copy()
+    MoESim.setup_anndata(adata, embedding_key="X_pca")
+    history = {}
+    for on_step in (False, True):
+        scvi.settings.seed = 0
+        model = MoESim(adata, n_experts=8, likelihood="normal")
+        model.train(
+            max_epochs=2,
+            batch_size=32,
+            check_val_every_n_epoch=1,
+            enable_progress_bar=False,
+            plan_kwargs={"on_step": on_step},
+        )
+        history[on_step] = model.history
+    expected = {"train_loss", "validation_loss", "elbo_train", "elbo_validation"}
+    expected |= {f"similarity_loss_{m}" for m in ("train", "validation")}
+    assert expected <= set(history[False])
+    for key, frame in history[False].items():
+        values = frame.to_numpy(dtype=float).ravel()
+        assert len(values) == 2, key
+        per_step = history[True][f"{key}_epoch"].to_numpy(dtype=float).ravel()
+        np.testing.assert_allclose(values, per_step, rtol=1e-5, err_msg=key)
