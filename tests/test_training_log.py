@@ -48,3 +48,25 @@ def test_epoch_logging_equals_lightnings_aggregates_of_per_step_logging():
         assert len(values) == 2, key
         per_step = history[True][f"{key}_epoch"].to_numpy(dtype=float).ravel()
         np.testing.assert_allclose(values, per_step, rtol=1e-5, err_msg=key)
+
+
+def test_checkpoint_records_each_epochs_means_with_limited_batches(tmp_path):
+    """The periodic checkpoint (a callback, called before the module at the epoch's end) must
+    find the epoch's training means, also when ``limit_train_batches`` ends the epoch early."""
+    adata = datasets.pbmc68k_reduced()[:400].copy()
+    MoESim.setup_anndata(adata, embedding_key="X_pca")
+    model = MoESim(adata, n_experts=8, likelihood="normal")
+    model.train(
+        max_epochs=2,
+        batch_size=32,
+        limit_train_batches=3,
+        checkpoint_dir=tmp_path,
+        enable_progress_bar=False,
+    )
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
+    history = saved["scmoesim_checkpoint"]["history"]
+    for key in ("train_loss", "elbo_train", "similarity_loss_train"):
+        np.testing.assert_allclose(
+            history[key]["values"], model.history[key].to_numpy(dtype=float).ravel(), rtol=1e-6
+        )
+        assert history[key]["index"] == [0, 1], key
