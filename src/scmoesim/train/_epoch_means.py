@@ -9,7 +9,7 @@ class EpochMeans:
 
     Lightning's ``self.log`` costs about 0.7 ms per call on the CPU whatever the value (it
     moves its record of the key to the value's device on every call). A MoESim step logged ten
-    values, about a quarter of a training step on MNIST. Summing them here and logging each
+    values, about a fifth of the training time on MNIST. Summing them here and logging each
     mean once per epoch gives the values that ``self.log(..., on_epoch=True, batch_size=n)``
     gives: the mean weighted by minibatch size, summed over processes under DDP.
     """
