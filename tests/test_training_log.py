@@ -9,6 +9,15 @@ from scmoesim import MoESim, datasets
 from scmoesim.train._epoch_means import EpochMeans
 
 
+def _trained_pbmc400(**train_kwargs) -> MoESim:
+    """2 epochs on 400 pbmc68k_reduced cells in minibatches of 32 (kNN on the PCA)."""
+    adata = datasets.pbmc68k_reduced()[:400].copy()
+    MoESim.setup_anndata(adata, embedding_key="X_pca")
+    model = MoESim(adata, n_experts=8, likelihood="normal")
+    model.train(max_epochs=2, batch_size=32, enable_progress_bar=False, **train_kwargs)
+    return model
+
+
 def test_epoch_means_weight_by_minibatch_size_and_start_afresh():
     means = EpochMeans()
     means.add("a", torch.tensor(1.0), 30)
@@ -26,19 +35,10 @@ def test_epoch_logging_equals_lightnings_aggregates_of_per_step_logging():
     """The default (on_step=False) logs each value once per epoch; the history must hold what
     Lightning computes from per-step logs (on_step=True, its ``_epoch`` keys), including the
     validation minibatches of unequal size (40 cells in batches of 32)."""
-    adata = datasets.pbmc68k_reduced()[:400].copy()
-    MoESim.setup_anndata(adata, embedding_key="X_pca")
     history = {}
     for on_step in (False, True):
         scvi.settings.seed = 0
-        model = MoESim(adata, n_experts=8, likelihood="normal")
-        model.train(
-            max_epochs=2,
-            batch_size=32,
-            check_val_every_n_epoch=1,
-            enable_progress_bar=False,
-            plan_kwargs={"on_step": on_step},
-        )
+        model = _trained_pbmc400(check_val_every_n_epoch=1, plan_kwargs={"on_step": on_step})
         history[on_step] = model.history
     expected = {"train_loss", "validation_loss", "elbo_train", "elbo_validation"}
     expected |= {f"similarity_loss_{m}" for m in ("train", "validation")}
@@ -53,16 +53,7 @@ def test_epoch_logging_equals_lightnings_aggregates_of_per_step_logging():
 def test_checkpoint_records_each_epochs_means_with_limited_batches(tmp_path):
     """The periodic checkpoint (a callback, called before the module at the epoch's end) must
     find the epoch's training means, also when ``limit_train_batches`` ends the epoch early."""
-    adata = datasets.pbmc68k_reduced()[:400].copy()
-    MoESim.setup_anndata(adata, embedding_key="X_pca")
-    model = MoESim(adata, n_experts=8, likelihood="normal")
-    model.train(
-        max_epochs=2,
-        batch_size=32,
-        limit_train_batches=3,
-        checkpoint_dir=tmp_path,
-        enable_progress_bar=False,
-    )
+    model = _trained_pbmc400(limit_train_batches=3, checkpoint_dir=tmp_path)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
     history = saved["scmoesim_checkpoint"]["history"]
     for key in ("train_loss", "elbo_train", "similarity_loss_train"):
