@@ -127,8 +127,16 @@ class MoESimTrainingPlan(TrainingPlan):
         self._log_loss("validation_loss", loss_output, "validation")
         self.compute_and_log_metrics(loss_output, self.val_metrics, "validation")
 
+    @property
+    def _epoch_logging(self) -> bool:
+        """Whether to log epoch means (the default ``on_step=False, on_epoch=True``).
+
+        Any other setting logs through Lightning at every step, as scvi-tools does.
+        """
+        return self.on_epoch and not self.on_step
+
     def _log_loss(self, name: str, loss_output, mode: str) -> None:
-        if self.on_step:
+        if not self._epoch_logging:
             self.log(
                 name,
                 loss_output.loss,
@@ -153,7 +161,7 @@ class MoESimTrainingPlan(TrainingPlan):
         tensor outside InferenceMode").
         """
         extra = loss_output.extra_metrics or {}
-        if not self.on_step:
+        if self._epoch_logging:
             metrics[f"elbo_{mode}"].update(
                 reconstruction_loss=loss_output.reconstruction_loss_sum,
                 kl_local=loss_output.kl_local_sum,
@@ -201,7 +209,7 @@ class MoESimTrainingPlan(TrainingPlan):
         self._log_epoch("validation", self.val_metrics)
 
     def _log_epoch(self, mode: str, metrics) -> None:
-        if self.on_step:
+        if not self._epoch_logging:
             return
         if self._elbo_updated[mode]:
             for name, metric in metrics.items():
