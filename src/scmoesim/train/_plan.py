@@ -78,7 +78,6 @@ class MoESimTrainingPlan(TrainingPlan):
         # epoch-level logging (the default, on_step=False) sums on the device and logs once
         # per epoch; with on_step=True every step is logged through Lightning as scvi does
         self._epoch_means = {"train": EpochMeans(), "validation": EpochMeans()}
-        self._elbo_updated = {"train": False, "validation": False}
 
     @property
     def clustering_scale(self) -> float:
@@ -116,15 +115,31 @@ class MoESimTrainingPlan(TrainingPlan):
             self.loss_kwargs.update({"kl_weight": self.kl_weight})
         self.loss_kwargs["clustering_scale"] = self.clustering_scale
         inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
-        self._log_loss("train_loss", loss_output, "train")
+        if self._epoch_logging:
+            self._epoch_means["train"].add(
+                "train_loss", loss_output.loss, loss_output.n_obs_minibatch
+            )
+        else:
+            self.log(
+                "train_loss",
+                loss_output.loss,
+                on_step=self.on_step,
+                on_epoch=self.on_epoch,
+                prog_bar=True,
+                sync_dist=self.use_sync_dist,
+            )
         self.compute_and_log_metrics(loss_output, self.train_metrics, "train")
         self._em_update(inference_outputs)
         return loss_output.loss
 
     def validation_step(self, batch, batch_idx):
-        """Validation loss and metrics (scvi-tools' step, with epoch-level logging)."""
+        """scvi-tools' validation step, with epoch-level logging by default."""
+        if not self._epoch_logging:
+            return super().validation_step(batch, batch_idx)
         _, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
-        self._log_loss("validation_loss", loss_output, "validation")
+        self._epoch_means["validation"].add(
+            "validation_loss", loss_output.loss, loss_output.n_obs_minibatch
+        )
         self.compute_and_log_metrics(loss_output, self.val_metrics, "validation")
 
     @property
@@ -134,19 +149,6 @@ class MoESimTrainingPlan(TrainingPlan):
         Any other setting logs through Lightning at every step, as scvi-tools does.
         """
         return self.on_epoch and not self.on_step
-
-    def _log_loss(self, name: str, loss_output, mode: str) -> None:
-        if not self._epoch_logging:
-            self.log(
-                name,
-                loss_output.loss,
-                on_step=self.on_step,
-                on_epoch=self.on_epoch,
-                prog_bar=mode == "train",
-                sync_dist=self.use_sync_dist,
-            )
-        else:
-            self._epoch_means[mode].add(name, loss_output.loss, loss_output.n_obs_minibatch)
 
     def compute_and_log_metrics(self, loss_output, metrics, mode: str) -> None:
         """scvi-tools' ELBO metrics and the extra loss terms (similarity, DEPICT, ...).
@@ -168,7 +170,6 @@ class MoESimTrainingPlan(TrainingPlan):
                 kl_global=loss_output.kl_global_sum,
                 n_obs_minibatch=loss_output.n_obs_minibatch,
             )
-            self._elbo_updated[mode] = True
             for key, value in extra.items():
                 self._epoch_means[mode].add(f"{key}_{mode}", value, loss_output.n_obs_minibatch)
             return
@@ -211,12 +212,12 @@ class MoESimTrainingPlan(TrainingPlan):
     def _log_epoch(self, mode: str, metrics) -> None:
         if not self._epoch_logging:
             return
-        if self._elbo_updated[mode]:
+        # a component's count: the ELBO's compositional metric keeps its own across reset()
+        if metrics[f"reconstruction_loss_{mode}"].update_count > 0:
             for name, metric in metrics.items():
                 self.log(name, metric.compute(), on_step=False, on_epoch=True)
             for metric in metrics.values():
                 metric.reset()
-            self._elbo_updated[mode] = False
         for name, value in self._epoch_means[mode].pop_means().items():
             self.log(name, value, on_step=False, on_epoch=True, prog_bar=name == "train_loss")
 
