@@ -63,7 +63,11 @@ class GenerateMixin:
             add up to ``n_cells`` exactly.
         temperature
             Scale of the latent noise around the cluster centre (1 = the distribution chosen
-            by ``latent``, 0 = decode the centre only; the counts are still sampled).
+            by ``latent``, 0 = decode the centre only; the counts are still sampled). Lower
+            temperatures draw closer to the centre, which is not always more typical: on
+            ``pbmc68k_reduced`` (``normal``) the generated cells are classified back more often
+            (tutorial "Generation"), on the Tabula Muris kidney counts (``nb``) less often
+            (model gate: 0.96 at 1, 0.92 at 0.5, 0.54 at 0; ``benchmarks/results_generation.md``).
         latent
             Where ``z`` comes from. ``"fitted"`` (default): ``N(m_k, temperature^2 S_k)``, a
             Gaussian fitted to the posteriors of the training cells of expert ``k`` (mean
