@@ -70,7 +70,7 @@ def run_one(n_components: int, seed: int, args) -> dict:
     scvi.settings.seed = seed
     scmoesim.MoESim.setup_anndata(adata, embedding_key=key)
     model = scmoesim.MoESim(adata, n_experts=N_EXPERTS, likelihood="normal", **args.model_kwargs)
-    model.train(max_epochs=args.max_epochs, enable_progress_bar=False)
+    model.train(max_epochs=args.max_epochs, enable_progress_bar=False, **args.train_kwargs)
     pred = np.asarray(model.predict()).astype(str)
     truth = adata.obs["component"].astype(str).to_numpy()
     usage = model.expert_usage().to_numpy()
@@ -121,10 +121,12 @@ def to_markdown(df: pd.DataFrame, command: str, args) -> str:
         "",
         f"Environment: {environment()}",
         "",
-        f"MoESim with {N_EXPERTS} experts, Gaussian likelihood, kNN similarity on the UMAP "
-        f"projection, other settings default; {N_FEATURES}-dimensional mixtures.",
+        f"MoESim with {N_EXPERTS} experts, Gaussian likelihood, kNN similarity on "
+        + ("the UMAP projection" if args.embedding == "umap" else "the data themselves")
+        + f", other settings default; {N_FEATURES}-dimensional mixtures.",
         "",
-        f"Extra model settings: {args.model_kwargs or 'none'}.",
+        f"Extra model settings: {args.model_kwargs or 'none'}; "
+        f"training settings: {args.train_kwargs or 'default'}.",
         "",
         *(
             [
@@ -151,6 +153,9 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--model-kwargs", default="{}", help="extra MoESim kwargs as JSON")
     parser.add_argument(
+        "--train-kwargs", default="{}", help="extra MoESim.train kwargs as JSON (batch_size, ...)"
+    )
+    parser.add_argument(
         "--merge-resolution", type=float, default=1.0, help="resolution of merge_clusters"
     )
     parser.add_argument(
@@ -161,6 +166,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     args.model_kwargs = json.loads(args.model_kwargs)
+    args.train_kwargs = json.loads(args.train_kwargs)
     rows = []
     for k in args.components:
         for seed in args.seeds:
