@@ -132,7 +132,8 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         apply to ``"knn"`` only. Measured (``benchmarks/results_exploration.md``): the
         components merged touching populations (Levine_32dim Hungarian F1 0.17 vs 0.84, MNIST
         one cluster); on Gaussian mixtures with separate islands, ``"mutual_components"``
-        found exactly 5 / 10 / 15 clusters where ``"knn"`` found 14 / 12 / 19.
+        finds the true number of components from 2 to 12 and 13-14 of 15 (three seeds,
+        ``benchmarks/results_synthetic_mutual.md``), where ``"knn"`` finds 5-10 for 2-15.
     centre_decay
         Decay of the running EM estimate of the cluster centres per minibatch.
 
