@@ -397,6 +397,34 @@ class MoESimModule(BaseModuleClass):
         anchor = anchor_loss(p, codes[0]) if codes else torch.zeros((), device=x.device)
         return sim, depict, anchor, known
 
+    # ------------------------------------------------------------------ expert splitting
+    @torch.no_grad()
+    def split_expert(
+        self, source: int, target: int, normal: torch.Tensor, offset: float | torch.Tensor
+    ) -> None:
+        """Give part of expert ``source``'s cells to the unused expert ``target``.
+
+        The gate's hidden layer ``h`` decides: cells with ``normal @ h > offset`` move to
+        ``target``. Both experts keep the average of their logits at the old logit of
+        ``source`` (so no other expert's cells move) and differ by ``normal @ h - offset``;
+        ``target`` starts as a copy of ``source``'s decoder (and dispersion row), and the EM
+        sums of the two centres are shared equally.
+        """
+        half = normal.to(self.gate_out.weight) / 2
+        shift = torch.as_tensor(offset, dtype=half.dtype, device=half.device) / 2
+        weight, bias = self.gate_out.weight, self.gate_out.bias
+        w_source, b_source = weight[source].clone(), bias[source].clone()
+        weight[target] = w_source + half
+        bias[target] = b_source - shift
+        weight[source] = w_source - half
+        bias[source] = b_source + shift
+        self.experts.copy_expert(source, target)
+        if self.dispersion == "gene-expert" and hasattr(self, "log_dispersion"):
+            self.log_dispersion[target] = self.log_dispersion[source]
+        for buffer in (self.centre_sum, self.centre_weight):
+            buffer[source] /= 2
+            buffer[target] = buffer[source]
+
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def sample_from_experts(

@@ -168,6 +168,16 @@ class RoutedExperts(nn.Module):
                     out[name].index_copy_(0, order[rows], torch.addmm(b, h, w))
         return out
 
+    @torch.no_grad()
+    def copy_expert(self, source: int, target: int) -> None:
+        """Overwrite expert ``target``'s weights with those of expert ``source``."""
+        for param in [*self.weights, *self.biases, *self.head_weights.values()]:
+            param[target] = param[source]
+        for param in self.head_biases.values():
+            param[target] = param[source]
+        self.ln_gain[:, target] = self.ln_gain[:, source]
+        self.ln_shift[:, target] = self.ln_shift[:, source]
+
     def _onehot(self, z: torch.Tensor, cat: torch.Tensor | None) -> torch.Tensor | None:
         """One-hot covariate rows (``None`` without a covariate)."""
         if self.n_cat == 0:

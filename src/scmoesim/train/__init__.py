@@ -2,6 +2,7 @@
 
 from ._checkpoint import PeriodicCheckpoint, check_checkpoint_fits, resolve_checkpoint
 from ._plan import InterruptFlag, MoESimTrainingPlan
+from ._split import split_experts
 
 __all__ = [
     "InterruptFlag",
@@ -9,4 +10,5 @@ __all__ = [
     "PeriodicCheckpoint",
     "check_checkpoint_fits",
     "resolve_checkpoint",
+    "split_experts",
 ]

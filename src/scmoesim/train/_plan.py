@@ -6,6 +6,10 @@ from lightning.pytorch.callbacks import Callback
 from scvi.train import TrainingPlan
 
 from ._epoch_means import EpochMeans
+from ._split import split_experts
+
+#: Experts are split up to this fraction of ``max_epochs``, so the last epochs settle the splits.
+SPLIT_UNTIL = 0.9
 
 
 class InterruptFlag(Callback):
@@ -52,6 +56,14 @@ class MoESimTrainingPlan(TrainingPlan):
         these epochs. 0 (default): no warm-up, the paper's schedule. ``max_epochs // 4``
         helped on well-separated mixtures but lowered Levine_32dim, pbmc68k_reduced and
         MNIST (``benchmarks/results_warmup.md``).
+    split_experts_every
+        Every that many epochs (up to 90% of ``max_epochs``), give the half of an expert's
+        cells that the similarity calls dissimilar from the other half to an unused expert
+        (:func:`~scmoesim.train.split_experts`; the number of splits of each epoch is
+        recorded as ``n_experts_split`` in the history). ``None`` (default): never. For the
+        kNN or graph similarity only (labels and signatures name their experts), on one
+        device. With ``knn_rule="mutual_components"`` it lets every island of the embedding
+        keep its own expert (``benchmarks/results_split.md``).
     **kwargs
         Passed to :class:`~scvi.train.TrainingPlan` (``lr``, ``weight_decay``, ...).
     """
@@ -62,6 +74,7 @@ class MoESimTrainingPlan(TrainingPlan):
         *,
         n_epochs_kl_warmup: int | None = None,
         n_epochs_similarity_warmup: int = 0,
+        split_experts_every: int | None = None,
         **kwargs,
     ):
         if (
@@ -73,8 +86,24 @@ class MoESimTrainingPlan(TrainingPlan):
                 "n_epochs_similarity_warmup must be a non-negative integer, got "
                 f"{n_epochs_similarity_warmup!r}."
             )
+        if split_experts_every is not None:
+            if (
+                isinstance(split_experts_every, bool)
+                or not isinstance(split_experts_every, int)
+                or split_experts_every < 1
+            ):
+                raise ValueError(
+                    "split_experts_every must be a positive integer or None, got "
+                    f"{split_experts_every!r}."
+                )
+            if module.use_labels or module.signature_scorer is not None:
+                raise ValueError(
+                    "split_experts_every works with the kNN or graph similarity only: labels "
+                    "and signatures tie each class to its own expert."
+                )
         super().__init__(module, n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs)
         self.n_epochs_similarity_warmup = n_epochs_similarity_warmup
+        self.split_experts_every = split_experts_every
         # epoch-level logging (the default, on_step=False) sums on the device and logs once
         # per epoch; with on_step=True every step is logged through Lightning as scvi does
         self._epoch_means = {"train": EpochMeans(), "validation": EpochMeans()}
@@ -108,6 +137,37 @@ class MoESimTrainingPlan(TrainingPlan):
                 return optimizer_cls(params, **kwargs)
 
         return create
+
+    def on_train_start(self) -> None:
+        """Refuse expert splitting under multi-process training (each process would differ)."""
+        super().on_train_start()
+        if (
+            self.split_experts_every is not None
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
+            raise RuntimeError("split_experts_every needs training on one device.")
+
+    def on_train_epoch_start(self) -> None:
+        """Split experts at the scheduled epochs (before the epoch's first step)."""
+        super().on_train_epoch_start()
+        if self.split_experts_every is None:
+            return
+        epoch, max_epochs = self.current_epoch, self.trainer.max_epochs
+        due = (
+            epoch > 0
+            and epoch % self.split_experts_every == 0
+            and (max_epochs is None or max_epochs < 0 or epoch <= SPLIT_UNTIL * max_epochs)
+            and self.clustering_scale > 0
+        )
+        n_split = len(split_experts(self.module, self.trainer.train_dataloader)) if due else 0
+        if self._epoch_logging:
+            self._epoch_means["train"].add(
+                "n_experts_split", torch.tensor(float(n_split), device=self.device), 1
+            )
+        else:
+            self.log("n_experts_split", float(n_split), on_step=False, on_epoch=True)
 
     def training_step(self, batch, batch_idx):
         """Optimisation step, then the EM update of the centres from this minibatch."""
