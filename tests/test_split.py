@@ -41,6 +41,21 @@ def _loader(model: MoESim, adata: ad.AnnData):
     return model._make_data_loader(adata, batch_size=60, shuffle=True)
 
 
+def _train_with_splitting(max_epochs: int, every: int) -> tuple[MoESim, np.ndarray]:
+    """Train on the two blobs with splitting; the model and its ``n_experts_split`` history."""
+    adata = _two_blobs()
+    scvi.settings.seed = 0
+    MoESim.setup_anndata(adata, embedding_key="X_emb")
+    model = MoESim(adata, n_experts=4, likelihood="normal", knn_rule="mutual_components")
+    model.train(
+        max_epochs=max_epochs,
+        batch_size=60,
+        enable_progress_bar=False,
+        plan_kwargs={"split_experts_every": every},
+    )
+    return model, model.history["n_experts_split"]["n_experts_split"].to_numpy(dtype=float)
+
+
 def test_two_means_separates_two_blobs():
     rng = np.random.default_rng(1)
     h = torch.tensor(np.r_[rng.normal(size=(30, 5)), rng.normal(size=(20, 5)) + 6.0])
@@ -129,34 +144,14 @@ def test_training_splits_on_schedule_and_records_the_splits(monkeypatch):
         return [(0, 1), (2, 3)] if len(calls) == 1 else [(0, 1)]
 
     monkeypatch.setattr(plan, "split_experts", fake_split)
-    adata = _two_blobs()
-    scvi.settings.seed = 0
-    MoESim.setup_anndata(adata, embedding_key="X_emb")
-    model = MoESim(adata, n_experts=4, likelihood="normal", knn_rule="mutual_components")
-    model.train(
-        max_epochs=6,
-        batch_size=60,
-        enable_progress_bar=False,
-        plan_kwargs={"split_experts_every": 2},
-    )
-    splits = model.history["n_experts_split"]["n_experts_split"].to_numpy(dtype=float)
+    _, splits = _train_with_splitting(max_epochs=6, every=2)
     np.testing.assert_array_equal(splits, [0, 0, 2, 0, 1, 0])
     assert len(calls) == 2
 
 
 def test_training_runs_the_real_split_search_inside_the_loop():
     """The search runs between epochs on the training loader and leaves training going."""
-    adata = _two_blobs()
-    scvi.settings.seed = 0
-    MoESim.setup_anndata(adata, embedding_key="X_emb")
-    model = MoESim(adata, n_experts=4, likelihood="normal", knn_rule="mutual_components")
-    model.train(
-        max_epochs=4,
-        batch_size=60,
-        enable_progress_bar=False,
-        plan_kwargs={"split_experts_every": 1},
-    )
-    splits = model.history["n_experts_split"]["n_experts_split"].to_numpy(dtype=float)
+    model, splits = _train_with_splitting(max_epochs=4, every=1)
     assert len(splits) == 4 and splits[0] == 0
     assert np.all(splits == np.round(splits)) and np.all((splits >= 0) & (splits <= 3))
     assert len(model.history["train_loss"]) == 4

@@ -12,6 +12,12 @@ from ._split import split_experts
 SPLIT_UNTIL = 0.9
 
 
+def _check_integer(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}.")
+
+
 class InterruptFlag(Callback):
     """Remembers whether training stopped on a user interrupt (Ctrl-C / KeyboardInterrupt).
 
@@ -77,25 +83,9 @@ class MoESimTrainingPlan(TrainingPlan):
         split_experts_every: int | None = None,
         **kwargs,
     ):
-        if (
-            isinstance(n_epochs_similarity_warmup, bool)
-            or not isinstance(n_epochs_similarity_warmup, int)
-            or n_epochs_similarity_warmup < 0
-        ):
-            raise ValueError(
-                "n_epochs_similarity_warmup must be a non-negative integer, got "
-                f"{n_epochs_similarity_warmup!r}."
-            )
+        _check_integer("n_epochs_similarity_warmup", n_epochs_similarity_warmup, 0)
         if split_experts_every is not None:
-            if (
-                isinstance(split_experts_every, bool)
-                or not isinstance(split_experts_every, int)
-                or split_experts_every < 1
-            ):
-                raise ValueError(
-                    "split_experts_every must be a positive integer or None, got "
-                    f"{split_experts_every!r}."
-                )
+            _check_integer("split_experts_every", split_experts_every, 1)
             if module.use_labels or module.signature_scorer is not None:
                 raise ValueError(
                     "split_experts_every works with the kNN or graph similarity only: labels "
