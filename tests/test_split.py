@@ -125,11 +125,17 @@ def test_split_experts_leaves_one_group_alone():
 def test_split_experts_needs_an_unused_expert():
     adata = _two_blobs()
     model = _one_expert_model(adata)
-    with torch.no_grad():  # every expert keeps some cells: nothing to split into
-        model.module.gate_out.bias.zero_()
-        model.module.gate_out.weight.normal_(0, 5)
-    if len(set(np.asarray(model.predict()))) < model.module.n_experts:
-        pytest.skip("random gate left an expert unused")
+    module = model.module
+    with torch.no_grad():  # each quarter of the cells along h's main axis gets its own expert
+        h = module.gate(torch.as_tensor(model.get_latent_representation()))
+        axis = torch.linalg.svd(h - h.mean(0), full_matrices=False).Vh[0]
+        q = torch.quantile(h @ axis, torch.tensor([0.25, 0.5, 0.75]))
+        # lines of slopes -3, -1, 1, 3 whose upper envelope changes at the quartiles
+        slopes = torch.tensor([-3.0, -1.0, 1.0, 3.0])
+        intercepts = -torch.cat([torch.zeros(1), torch.cumsum(2 * q, 0)])
+        module.gate_out.weight.copy_(slopes[:, None] * axis[None, :])
+        module.gate_out.bias.copy_(intercepts)
+    assert len(set(np.asarray(model.predict()))) == module.n_experts  # precondition
     assert split_experts(model.module, _loader(model, adata)) == []
 
 

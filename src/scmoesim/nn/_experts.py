@@ -171,9 +171,8 @@ class RoutedExperts(nn.Module):
     @torch.no_grad()
     def copy_expert(self, source: int, target: int) -> None:
         """Overwrite expert ``target``'s weights with those of expert ``source``."""
-        for param in [*self.weights, *self.biases, *self.head_weights.values()]:
-            param[target] = param[source]
-        for param in self.head_biases.values():
+        stacked = [*self.weights, *self.biases, *self.head_weights.values()]
+        for param in [*stacked, *self.head_biases.values()]:
             param[target] = param[source]
         self.ln_gain[:, target] = self.ln_gain[:, source]
         self.ln_shift[:, target] = self.ln_shift[:, source]

@@ -14,7 +14,7 @@ SPLIT_UNTIL = 0.9
 
 def _check_integer(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
+        kind = {0: "a non-negative integer", 1: "a positive integer"}[minimum]
         raise ValueError(f"{name} must be {kind}, got {value!r}.")
 
 

@@ -63,7 +63,11 @@ def joining_share(similar: float, known: float, resolution: float | None) -> flo
 
 
 def _passes(module, dataloader):
-    """Each minibatch as (tensors on the module's device, inference outputs, S, mask)."""
+    """Each minibatch as (inference outputs, S as booleans, mask); stops without a similarity.
+
+    The builders leave the diagonal out of the mask, so ``mask`` holds the pairs the
+    similarity loss counts.
+    """
     device = module.gate_out.weight.device
     for tensors in dataloader:
         tensors = {k: v.to(device) for k, v in tensors.items()}
@@ -72,8 +76,7 @@ def _passes(module, dataloader):
         if sim_mask is None:
             return
         s, mask = sim_mask
-        mask = mask.bool() & ~torch.eye(mask.shape[0], dtype=torch.bool, device=device)
-        yield inference, s.bool(), mask
+        yield inference, s.bool(), mask.bool()
 
 
 @torch.no_grad()
@@ -106,9 +109,9 @@ def _split(module, dataloader) -> list[tuple[int, int]]:
         h = module.gate(inference["qz_m"])
         for k in expert.unique().tolist():
             rows = h[expert == k]
-            counts[k] += rows.shape[0]
-            if sum(part.shape[0] for part in hidden[k]) < MAX_CELLS:
+            if counts[k] < MAX_CELLS:  # every part is kept until then, so counts[k] is their size
                 hidden[k].append(rows)
+            counts[k] += rows.shape[0]
     unused = [k for k in range(n_experts) if counts[k] == 0]
     if not unused or known == 0:
         return []
