@@ -6,7 +6,9 @@ On the Tabula Muris kidney model trained with signatures exactly as ``signatures
 a. accuracy: N generated cells per cluster, classified back by the model's encoder + gate and
    by a logistic regression trained on the real cells' cluster labels (log-normalised counts);
 b. realism: MMD^2 (RBF, PCA space of the real data) generated-vs-real of the same cluster
-   against real-vs-real of the other clusters; ``sc.tl.rank_genes_groups`` markers recovered;
+   against real-vs-real of the other clusters; ``sc.tl.rank_genes_groups`` markers recovered,
+   on the N per cluster and on cells generated in the training proportions (the real data's
+   make-up, so that "the rest" each cluster is compared with is the same on both sides);
 c. latent separation (paper): MMD^2 between latent samples of the same vs different cell types,
    default model vs ``clustering_weight=0`` (no similarity loss);
 d. speed: a VaDE-style rejection sampler (mixture sample, keep when the gate posterior of the
@@ -47,6 +49,8 @@ from scmoesim import datasets, metrics
 
 warnings.filterwarnings("ignore")
 HERE = Path(__file__).resolve().parent
+#: Cells generated in the training proportions for the marker comparison, per real cell.
+PROPORTIONAL_SCALE = 10
 
 
 # ---------------------------------------------------------------- models
@@ -181,6 +185,9 @@ def accuracy_and_realism(
 ) -> tuple[list, list, dict]:
     """(a) and (b) for ``n_per_cluster`` generated cells of every used cluster.
 
+    The markers are also compared on ``PROPORTIONAL_SCALE`` times as many cells as the real
+    data, generated in the training proportions.
+
     ``reference``: :func:`real_reference` of this model and data (computed when ``None``).
     """
     ref = real_reference(model, adata) if reference is None else reference
@@ -202,15 +209,23 @@ def accuracy_and_realism(
     p_real, gamma = ref["p_real"], ref["gamma"]
     p_gen = ref["pca"].transform(np.clip(z_gen, -10, 10))
     real_markers = ref["markers"]
-    gen_markers = _markers(x_gen, gen_cluster, used, adata.var_names)
-    gen_markers_t = _markers(x_gen, gen_cluster, used, adata.var_names, method="t-test")
+    overlap = _marker_overlap(ref, x_gen, gen_cluster, adata.var_names)
+    # rank_genes_groups compares each cluster with the rest, so the rest must be made up as in
+    # the real data: markers of cells generated in the training proportions (generate's default)
+    in_proportion = model.generate(
+        PROPORTIONAL_SCALE * adata.n_obs, seed=seed, store_mean=False, **generate_kwargs
+    )
+    overlap_prop = _marker_overlap(
+        ref,
+        lognorm(in_proportion.X),
+        in_proportion.obs["moesim_cluster"].astype(str).to_numpy(),
+        adata.var_names,
+    )
     rows, real_rows = [], []
     for c in used:
         g, r = gen_cluster == c, real_cluster == c
         mmd_same = metrics.mmd2_unbiased(p_gen[g], p_real[r], gamma=gamma)
         nearest, mmd_other = ref["nearest"][c]
-        overlap = len(set(real_markers[c]) & set(gen_markers[c]))
-        overlap_t = len(set(ref["markers t-test"][c]) & set(gen_markers_t[c]))
         rows.append(
             {
                 "cluster": c,
@@ -221,8 +236,10 @@ def accuracy_and_realism(
                 "MMD2 gen vs real (same)": mmd_same,
                 "min MMD2 real vs other real": mmd_other,
                 "nearest other": nearest,
-                "markers recovered /20": overlap,
-                "markers recovered /20, t-test": overlap_t,
+                "markers recovered /20": overlap["wilcoxon"][c],
+                "markers recovered /20, t-test": overlap["t-test"][c],
+                "markers /20, training proportions": overlap_prop["wilcoxon"][c],
+                "markers /20, training proportions, t-test": overlap_prop["t-test"][c],
                 "real density": float((adata.layers["counts"][r] > 0).mean()),
                 "gen density": float((gen.X[g] > 0).mean()),
                 "real median library": float(
@@ -286,6 +303,15 @@ def resampled_real(model, adata, seed: int, reference: dict | None = None) -> li
                 "re-sampled density": float((x_new[sel] > 0).mean()),
             }
         )
+    return out
+
+
+def _marker_overlap(ref: dict, x_gen: np.ndarray, gen_cluster: np.ndarray, names) -> dict:
+    """Top-20 markers of the generated cells shared with the real cells' (wilcoxon, t-test)."""
+    out = {}
+    for method, key in (("wilcoxon", "markers"), ("t-test", "markers t-test")):
+        gen = _markers(x_gen, gen_cluster, ref["used"], names, method=method)
+        out[method] = {c: len(set(ref[key][c]) & set(gen.get(c, []))) for c in ref["used"]}
     return out
 
 
@@ -582,6 +608,8 @@ def _realism_summary(rows: pd.DataFrame) -> dict:
     closer = rows["MMD2 gen vs real (same)"] < rows["min MMD2 real vs other real"]
     markers = rows["markers recovered /20"]
     markers_t = rows["markers recovered /20, t-test"]
+    prop = rows["markers /20, training proportions"]
+    prop_t = rows["markers /20, training proportions, t-test"]
     return {
         "model gate: in cluster (min)": rows["model gate: in cluster"].min(),
         "model gate: in cluster (mean)": rows["model gate: in cluster"].mean(),
@@ -591,6 +619,8 @@ def _realism_summary(rows: pd.DataFrame) -> dict:
         "markers recovered /20 (min, mean)": f"{markers.min()}, {markers.mean():.1f}",
         "markers >= 10 (wilcoxon, t-test)": f"{int((markers >= 10).sum())}/{len(rows)}, "
         f"{int((markers_t >= 10).sum())}/{len(rows)}",
+        "markers >= 10, training proportions (wilcoxon, t-test)": f"{int((prop >= 10).sum())}/"
+        f"{len(rows)}, {int((prop_t >= 10).sum())}/{len(rows)}",
         "gen / real density (mean ratio)": float(
             (rows["gen density"] / rows["real density"]).mean()
         ),
