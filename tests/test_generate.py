@@ -210,7 +210,7 @@ def test_library_sizes_come_from_the_clusters_real_cells(model):
 
 
 def test_temperature_zero_decodes_the_centre(model):
-    gen = model.generate({"leukocyte": 300}, temperature=0.0, seed=1, batch="M")
+    gen = model.generate({"leukocyte": 300}, temperature=0.0, seed=1, batch="M", latent="fitted")
     mean = gen.layers["mean"]
     profile = mean / mean.sum(1, keepdims=True)
     np.testing.assert_allclose(profile, profile[:1].repeat(len(profile), 0), rtol=1e-4, atol=1e-7)
@@ -260,7 +260,7 @@ def test_latent_moments_streamed_and_shrunk():
 def test_latent_fitted_or_prior(model):
     # the largest cluster: an expert with fewer than two training cells keeps the prior
     name = model.expert_usage().idxmax()
-    fitted = model.generate({name: 50}, temperature=0.0, seed=1, batch="M")
+    fitted = model.generate({name: 50}, temperature=0.0, seed=1, batch="M", latent="fitted")
     prior = model.generate({name: 50}, temperature=0.0, seed=1, batch="M", latent="prior")
     assert fitted.uns["moesim_generate"]["latent"] == "fitted"
     assert prior.uns["moesim_generate"]["latent"] == "prior"
@@ -270,17 +270,102 @@ def test_latent_fitted_or_prior(model):
     f, p = (x / x.sum(1, keepdims=True) for x in (fitted.layers["mean"], prior.layers["mean"]))
     np.testing.assert_allclose(f, f[:1].repeat(len(f), 0), rtol=1e-4, atol=1e-7)
     assert not np.allclose(f[0], p[0], rtol=1e-3)
-    with pytest.raises(ValueError, match="latent must be 'fitted' or 'prior', got 'gmm'"):
+    with pytest.raises(ValueError, match="'fitted', 'posterior' or 'prior', got 'gmm'"):
         model.generate(5, latent="gmm")
     for bad in (np.array(["fitted"]), np.array(["fitted", "prior"]), None):
-        with pytest.raises(ValueError, match="latent must be 'fitted' or 'prior'"):
+        with pytest.raises(ValueError, match="latent must be 'fitted', 'posterior' or 'prior'"):
             model.generate(5, latent=bad)
+
+
+def test_posterior_sample_is_uniform_and_capped():
+    from scmoesim.model._latent import PosteriorSample
+
+    rng = np.random.default_rng(0)
+    n, d = 60, 2
+    expert = np.r_[np.zeros(40, int), np.full(17, 2), np.full(3, 1)]
+    rng.shuffle(expert)
+    z = rng.normal(size=(n, d)).astype(np.float32)  # as the model keeps them
+    v = rng.uniform(0.1, 2.0, size=(n, d)).astype(np.float32)
+    lib, batch = rng.integers(100, 1000, n).astype(float), rng.integers(0, 2, n)
+    kept = np.zeros(n)
+    for seed in range(300):
+        acc = PosteriorSample(n_experts=3, per_expert=5, seed=seed)
+        for part in np.array_split(np.arange(n), 7):  # seven minibatches, pruned on the way
+            acc.add(expert[part], z[part], v[part], lib[part], batch[part])
+            assert acc._buffered <= 2 * 5 * 3 + len(part)
+        out = acc.result()
+        rows = np.flatnonzero(np.isin(z[:, 0], out["loc"][:, 0]))
+        kept[rows] += 1
+        # the kept cells are whole rows of the input, in the data's order
+        np.testing.assert_array_equal(out["loc"], z[rows])
+        np.testing.assert_allclose(out["scale"], np.sqrt(v[rows]), rtol=1e-6)
+        np.testing.assert_array_equal(out["library"], lib[rows].astype(np.float32))
+        np.testing.assert_array_equal(out["batch"], batch[rows])
+        np.testing.assert_array_equal(np.bincount(out["expert"], minlength=3), [5, 3, 5])
+    # each cell is kept with probability min(1, 5 / cells of its expert)
+    share = kept / 300
+    np.testing.assert_array_equal(share[expert == 1], 1.0)
+    for k, n_k in ((0, 40), (2, 17)):
+        assert abs(share[expert == k].mean() - 5 / n_k) < 1e-9  # exactly 5 kept per run
+        assert np.abs(share[expert == k] - 5 / n_k).max() < 0.11  # none favoured (4.5 sd)
+    assert PosteriorSample(n_experts=2).result() is None
+    no_lib = PosteriorSample(n_experts=1)
+    no_lib.add(np.zeros(3, int), z[:3], v[:3])
+    assert "library" not in no_lib.result()
+
+
+def test_latent_posterior_starts_from_training_cells(model):
+    cells = model.latent_cells_
+    assert len(cells["expert"]) == model.adata.n_obs  # 240 cells, below the cap
+    real = model._pass()
+    np.testing.assert_allclose(cells["loc"], real["z"], atol=1e-5)
+    gen = model.generate(200, latent="posterior", temperature=0.0, seed=0)
+    assert gen.uns["moesim_generate"]["latent"] == "posterior"
+    # at temperature 0 each cell decodes a training cell's posterior mean with its library:
+    # the library sizes are those of training cells of the same expert and batch
+    batch_names = list(model._batch_categories())
+    for e, b, lib in zip(
+        gen.obs["moesim_expert"], gen.obs["batch"], gen.obs["library_size"], strict=True
+    ):
+        same = (cells["expert"] == e) & (cells["batch"] == batch_names.index(b))
+        assert np.isclose(cells["library"][same], lib, rtol=1e-6).any()
+    profile = gen.layers["mean"] / gen.layers["mean"].sum(1, keepdims=True)
+    assert len(np.unique(profile.round(5), axis=0)) > 20  # many starting cells, not one centre
+    # with a batch the cells come from that batch where the expert has some
+    only_f = model.generate(100, latent="posterior", seed=1, batch="F")
+    assert (only_f.obs["batch"] == "F").all()
+    for e, lib in zip(only_f.obs["moesim_expert"], only_f.obs["library_size"], strict=True):
+        in_f = (cells["expert"] == e) & (cells["batch"] == batch_names.index("F"))
+        if in_f.any():
+            assert np.isclose(cells["library"][in_f], lib, rtol=1e-6).any()
+    a = model.generate(50, latent="posterior", seed=2)
+    b = model.generate(50, latent="posterior", seed=2)
+    assert (a.X != b.X).nnz == 0
+
+
+def test_latent_posterior_errors(model, monkeypatch):
+    cells = model.latent_cells_
+    without_0 = {key: value[cells["expert"] != 0] for key, value in cells.items()}
+    monkeypatch.setattr(model, "latent_cells_", without_0)
+    name, other = model.cluster_names_[0], model.cluster_names_[1]
+    with pytest.raises(ValueError, match=rf"Cluster '{name}' \(expert 0\) kept no"):
+        model.generate({name: 3, other: 2}, latent="posterior")
+    assert model.generate({other: 2}, latent="posterior").n_obs == 2
+
+
+def test_model_without_cell_sample_falls_back_to_the_fitted_latent(model, monkeypatch):
+    monkeypatch.setattr(model, "latent_cells_", None)
+    with pytest.warns(UserWarning, match="no sample of its training cells"):
+        old = model.generate(40, seed=3)
+    fitted = model.generate(40, seed=3, latent="fitted")
+    assert old.uns["moesim_generate"]["latent"] == "fitted"
+    assert (old.X != fitted.X).nnz == 0
 
 
 def test_model_without_fitted_latent_falls_back_to_the_prior(model, monkeypatch):
     monkeypatch.setattr(model, "latent_loc_", None)
     with pytest.warns(UserWarning, match="no fitted latent distributions"):
-        old = model.generate(40, seed=3)
+        old = model.generate(40, seed=3, latent="fitted")
     prior = model.generate(40, seed=3, latent="prior")
     assert old.uns["moesim_generate"]["latent"] == "prior"
     assert (old.X != prior.X).nnz == 0

@@ -68,8 +68,10 @@ def test_save_load_is_bit_identical(trained, small):
     )
     np.testing.assert_array_equal(loaded.latent_loc_, model.latent_loc_)
     np.testing.assert_array_equal(loaded.latent_scale_tril_, model.latent_scale_tril_)
+    for key, value in model.latent_cells_.items():
+        np.testing.assert_array_equal(loaded.latent_cells_[key], value)
     a, b = model.generate(30, seed=4), loaded.generate(30, seed=4)
-    assert a.uns["moesim_generate"]["latent"] == "fitted"
+    assert a.uns["moesim_generate"]["latent"] == "posterior"
     np.testing.assert_array_equal(a.X, b.X)
     np.testing.assert_array_equal(a.obs["moesim_expert"], b.obs["moesim_expert"])
     np.testing.assert_array_equal(a.obs["batch"], b.obs["batch"])

@@ -268,3 +268,10 @@ def test_streamed_training_summary_equals_the_per_cell_computation():
         np.testing.assert_allclose(model.latent_loc_[k], full["z"][rows].mean(0), atol=1e-5)
         np.testing.assert_allclose(chol @ chol.T, cov, rtol=1e-4, atol=1e-6)
         assert np.allclose(chol, np.tril(chol))
+    # the kept cells of latent="posterior": all 300 (below the cap), in the data's order
+    cells = model.latent_cells_
+    np.testing.assert_array_equal(cells["expert"], full["expert"])
+    np.testing.assert_array_equal(cells["batch"], full["batch"])
+    np.testing.assert_allclose(cells["loc"], full["z"], atol=1e-5)
+    np.testing.assert_allclose(cells["scale"] ** 2, full["qz_v"], rtol=1e-4)
+    np.testing.assert_allclose(cells["library"], full["library"], rtol=1e-6)

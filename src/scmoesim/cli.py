@@ -692,9 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate new cells with a saved model",
         description="Load a model saved by `scmoesim fit --save-model` and generate new cells: "
-        "z drawn around cluster k (a Gaussian fitted to its training cells, or the prior "
-        "N(mu_k, T^2 I)) and decoded by the expert of cluster k. Writes an AnnData with the "
-        "samples in X, the expected values in layers['mean'] and obs['moesim_cluster'].",
+        "z drawn around cluster k (from the posteriors of its training cells, a Gaussian "
+        "fitted to them, or the prior N(mu_k, T^2 I)) and decoded by the expert of cluster k. "
+        "Writes an AnnData with the samples in X, the expected values in layers['mean'] and "
+        "obs['moesim_cluster'].",
         epilog="example: scmoesim generate moesim_model --adata pbmc.h5ad --n-cells 500 "
         "--clusters 'CD19+ B' 'CD56+ NK' -o generated.h5ad",
     )
@@ -726,10 +727,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--latent",
-        choices=["fitted", "prior"],
-        default="fitted",
-        help="where z comes from: 'fitted' (default), a Gaussian fitted to the cluster's "
-        "training cells; 'prior', the paper's N(mu_k, I)",
+        choices=["posterior", "fitted", "prior"],
+        default="posterior",
+        help="where z comes from: 'posterior' (default), the posterior of a training cell of "
+        "the cluster drawn at random; 'fitted', a Gaussian fitted to the cluster's training "
+        "cells; 'prior', the paper's N(mu_k, I)",
     )
     gen.add_argument(
         "--batch", default=None, help="batch category to decode with (with a batch key)"

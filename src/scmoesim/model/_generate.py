@@ -33,7 +33,7 @@ class GenerateMixin:
         *,
         proportions: Literal["training", "uniform"] | Mapping[str, float] = "training",
         temperature: float = 1.0,
-        latent: Literal["fitted", "prior"] = "fitted",
+        latent: Literal["posterior", "fitted", "prior"] = "posterior",
         batch: str | None = None,
         seed: int | None = 0,
         store_mean: bool | None = None,
@@ -62,23 +62,28 @@ class GenerateMixin:
             (weights are normalised; give no ``clusters`` then). Rounded so that the numbers
             add up to ``n_cells`` exactly.
         temperature
-            Scale of the latent noise around the cluster centre (1 = the distribution chosen
-            by ``latent``, 0 = decode the centre only; the counts are still sampled). Lower
-            temperatures draw closer to the centre, which is not always more typical: on
-            ``pbmc68k_reduced`` (``normal``) the generated cells are classified back more often
-            (tutorial "Generation"), on the Tabula Muris kidney counts (``nb``) less often
-            (model gate: 0.96 at 1, 0.92 at 0.5, 0.54 at 0; ``benchmarks/results_generation.md``).
+            Scale of the latent noise (1 = the distribution chosen by ``latent``; 0 = none:
+            the chosen training cells' posterior means with ``"posterior"``, the cluster centre
+            with ``"fitted"`` and ``"prior"``; the counts are still sampled). Draws closer to
+            the centre are not always more typical: on ``pbmc68k_reduced`` (``normal``) they
+            are classified back more often (tutorial "Generation"), on the Tabula Muris kidney
+            counts (``nb``) less often (``latent="fitted"``, model gate: 0.96 at 1, 0.92 at 0.5,
+            0.54 at 0; ``benchmarks/results_generation.md``).
         latent
-            Where ``z`` comes from. ``"fitted"`` (default): ``N(m_k, temperature^2 S_k)``, a
-            Gaussian fitted to the posteriors of the training cells of expert ``k`` (mean
-            ``m_k``; covariance ``S_k`` = covariance of their posterior means + their mean
-            posterior variance, shrunk towards its diagonal by ``n_latent / n_cells``; computed
-            at the end of training and saved with the model). ``"prior"``: the paper's
+            Where ``z`` comes from. ``"posterior"`` (default): the cluster's aggregated
+            posterior, the mixture of its training cells' posteriors. Each generated cell picks
+            a training cell of the cluster at random (from a uniform sample of up to 2,000 per
+            expert, kept with the model) and draws ``z ~ N(m_i, temperature^2 diag(s_i^2))``
+            from that cell's posterior; count likelihoods take that cell's library size, and
+            without ``batch`` its batch. ``"fitted"``: ``N(m_k, temperature^2 S_k)``, one
+            Gaussian fitted to those posteriors (mean ``m_k``; covariance ``S_k`` = covariance
+            of the posterior means + their mean posterior variance, shrunk towards its
+            diagonal by ``n_latent / n_cells``). ``"prior"``: the paper's
             ``N(mu_k, temperature^2 I)`` around the EM centre ``mu_k``. On the Tabula Muris
-            kidney model the fitted distribution puts more generated cells in their cluster
-            (mean over six clusters 0.95-0.97 instead of 0.94-0.95; two trained models, three
-            generation seeds) and recovers more marker genes
-            (``benchmarks/results_generation.md``).
+            kidney model the generated cells are closest to the real ones of their cluster with
+            ``"posterior"`` (MMD^2 below that to the nearest other cluster for 6 of 6 clusters,
+            against 3-4 with ``"fitted"`` and ``"prior"``; three generation seeds) and land in
+            their cluster as often or more (``benchmarks/results_generation.md``).
         batch
             Batch category to decode with (if a ``batch_key`` was registered); library sizes
             then come from that batch's cells of the cluster. ``None`` draws batches in each
@@ -126,6 +131,7 @@ class GenerateMixin:
         ):
             raise ValueError(f"temperature must be a non-negative number, got {temperature!r}.")
         loc, scale_tril = self._latent_distribution(latent)
+        cells = getattr(self, "latent_cells_", None) if latent == "posterior" else None
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
         if chunk_size < 1:
@@ -145,6 +151,9 @@ class GenerateMixin:
         experts = np.repeat(np.arange(len(per_expert)), per_expert)
         batches = self._draw_batches(experts, batch, rng)
         libraries = self._draw_libraries(experts, batches, rng)
+        starts = None
+        if cells is not None:
+            starts, libraries = self._draw_starts(cells, experts, batches, libraries, rng)
         module = self.module
         module.eval()
         device = self.device
@@ -161,7 +170,7 @@ class GenerateMixin:
             "n_cells": per_expert[per_expert > 0].astype(np.int64),
             "proportions": proportions if isinstance(proportions, str) else "given",
             "temperature": float(temperature),
-            "latent": latent if loc is not None else "prior",
+            "latent": _used_latent(cells, loc),
             "batch": "drawn" if batch is None else str(batch),
             "seed": -1 if seed is None else int(seed),
             "chunk_size": int(chunk_size),
@@ -189,6 +198,9 @@ class GenerateMixin:
                         if libraries is not None
                         else None
                     )
+                    z = None
+                    if starts is not None:
+                        z = _posterior_draw(cells, starts[sl], temperature, generator, device)
                     out = module.sample_from_experts(
                         torch.as_tensor(experts[sl], device=device),
                         lib,
@@ -198,6 +210,7 @@ class GenerateMixin:
                         with_mean=store_mean,
                         loc=loc,
                         scale_tril=scale_tril,
+                        z=z,
                     )
                     writer.add(_chunk_to_numpy(out, sl.stop - sl.start, n_var, kind, store_mean))
                     del out
@@ -219,10 +232,20 @@ class GenerateMixin:
     # ------------------------------------------------------------------ helpers
     def _latent_distribution(self, latent) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Per-expert means and Cholesky factors for ``latent`` (``None, None``: the prior)."""
-        if not isinstance(latent, str) or latent not in ("fitted", "prior"):
-            raise ValueError(f"latent must be 'fitted' or 'prior', got {latent!r}.")
+        if not isinstance(latent, str) or latent not in ("fitted", "posterior", "prior"):
+            raise ValueError(f"latent must be 'fitted', 'posterior' or 'prior', got {latent!r}.")
         if latent == "prior":
             return None, None
+        if latent == "posterior":
+            if getattr(self, "latent_cells_", None) is not None:
+                return None, None
+            warnings.warn(
+                "This model holds no sample of its training cells' posteriors (it was saved by "
+                "an earlier scmoesim, before generate() had latent='posterior'); generating "
+                "from the fitted Gaussians instead. Pass latent='fitted' to silence this warning.",
+                UserWarning,
+                stacklevel=3,
+            )
         loc = getattr(self, "latent_loc_", None)
         if loc is None:
             warnings.warn(
@@ -234,6 +257,35 @@ class GenerateMixin:
             )
             return None, None
         return loc, self.latent_scale_tril_
+
+    def _draw_starts(
+        self, cells: dict, experts: np.ndarray, batches: np.ndarray, libraries, rng
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A kept training cell for every generated cell, and the libraries to use.
+
+        The cell comes from the same expert and batch when the sample holds one (its library
+        size replaces the drawn one), else from the same expert in any batch (the library drawn
+        for the requested batch stays).
+        """
+        starts = np.empty(len(experts), dtype=np.int64)
+        same_batch = np.zeros(len(experts), dtype=bool)
+        names = np.asarray(self.cluster_names_, dtype=object)
+        for k in np.unique(experts):
+            of_k = np.flatnonzero(cells["expert"] == k)
+            if len(of_k) == 0:
+                raise ValueError(
+                    f"Cluster {names[k]!r} (expert {k}) kept no training cells to draw latent "
+                    "points from; use latent='fitted' or 'prior' for it."
+                )
+            for b in np.unique(batches[experts == k]):
+                rows = np.flatnonzero((experts == k) & (batches == b))
+                pool = of_k[cells["batch"][of_k] == b]
+                same_batch[rows] = len(pool) > 0
+                pool = pool if len(pool) else of_k
+                starts[rows] = pool[rng.integers(len(pool), size=len(rows))]
+        if libraries is not None and "library" in cells:
+            libraries = np.where(same_batch, cells["library"][starts], libraries)
+        return starts, libraries
 
     def _batch_categories(self) -> np.ndarray | None:
         setup = self.adata_manager.registry["setup_args"]
@@ -363,6 +415,23 @@ class GenerateMixin:
         slot = np.where(np.isnan(quantiles[experts, batches, 0]), quantiles.shape[1] - 1, batches)
         log_lib = quantiles[experts, slot, lo] * (1 - frac) + quantiles[experts, slot, hi] * frac
         return np.exp(log_lib)
+
+
+def _used_latent(cells, loc) -> str:
+    """The latent distribution ``generate`` used (after any fallback for an older model)."""
+    if cells is not None:
+        return "posterior"
+    return "fitted" if loc is not None else "prior"
+
+
+def _posterior_draw(
+    cells: dict, starts: np.ndarray, temperature: float, generator, device
+) -> torch.Tensor:
+    """``z ~ N(m_i, temperature^2 diag(s_i^2))`` for the kept training cells ``starts``."""
+    loc = torch.as_tensor(cells["loc"][starts], device=device)
+    scale = torch.as_tensor(cells["scale"][starts], device=device)
+    noise = torch.randn(loc.shape, device=device, generator=generator)
+    return loc + temperature * scale * noise
 
 
 def _check_count(n) -> int:

@@ -73,3 +73,64 @@ def _cholesky(cov: np.ndarray) -> np.ndarray:
         except np.linalg.LinAlgError:
             jitter = max(jitter * 10, 1e-8 * scale)
     return np.diag(np.sqrt(np.clip(np.diag(cov), 1e-12, None)))
+
+
+class PosteriorSample:
+    """A uniform sample of up to ``per_expert`` training cells of each expert, streamed.
+
+    For ``generate(latent="posterior")``: each generated cell starts from one of these cells
+    (its posterior mean and standard deviation, library size and batch), so the generated
+    cells follow the cluster's aggregated posterior, the mixture of its cells' posteriors,
+    rather than one Gaussian fitted to it. The sample is the ``per_expert`` cells of each expert
+    with the smallest random keys (sampling without replacement), pruned as the pass goes, so
+    memory stays at a few times ``per_expert`` cells per expert whatever the number of cells.
+    """
+
+    def __init__(self, n_experts: int, per_expert: int = 2000, seed: int = 0) -> None:
+        self.n_experts = n_experts
+        self.per_expert = per_expert
+        self._rng = np.random.default_rng(seed)
+        self._parts: list[dict] = []
+        self._buffered = 0
+
+    def add(
+        self,
+        expert: np.ndarray,
+        qz_m: np.ndarray,
+        qz_v: np.ndarray,
+        library: np.ndarray | None = None,
+        batch: np.ndarray | None = None,
+    ) -> None:
+        """Add a minibatch: hard expert, posterior mean and variance, library and batch."""
+        n = len(expert)
+        part = {
+            "key": self._rng.random(n),
+            "expert": np.asarray(expert, dtype=np.int32),
+            "loc": np.asarray(qz_m, dtype=np.float32),
+            "scale": np.sqrt(np.asarray(qz_v, dtype=np.float32)),
+            "batch": np.zeros(n, np.int32) if batch is None else np.asarray(batch, np.int32),
+        }
+        if library is not None:
+            part["library"] = np.asarray(library, dtype=np.float32)
+        self._parts.append(part)
+        self._buffered += n
+        if self._buffered > 2 * self.per_expert * self.n_experts:
+            self._prune()
+
+    def _prune(self) -> None:
+        merged = {k: np.concatenate([p[k] for p in self._parts]) for k in self._parts[0]}
+        order = np.lexsort((merged["key"], merged["expert"]))
+        expert = merged["expert"][order]
+        rank = np.arange(len(order)) - np.searchsorted(expert, expert)  # rank within expert
+        keep = np.sort(order[rank < self.per_expert])
+        self._parts = [{k: v[keep] for k, v in merged.items()}]
+        self._buffered = len(keep)
+
+    def result(self) -> dict[str, np.ndarray] | None:
+        """The kept cells' ``expert``, ``batch``, ``loc``, ``scale`` (and ``library``)."""
+        if not self._parts:
+            return None
+        self._prune()
+        out = dict(self._parts[0])
+        del out["key"]
+        return out

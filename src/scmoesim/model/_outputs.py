@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from scmoesim import _constants as K
 
 from ._io import check_query
-from ._latent import LatentMoments
+from ._latent import LatentMoments, PosteriorSample
 
 _N_QUANTILES = 101
 
@@ -276,11 +276,15 @@ class OutputsMixin:
         code = np.min_scalar_type(max(n_exp, n_batch, 1))
         out = {"expert": np.empty(n_obs, code), "batch": np.zeros(n_obs, code)}
         moments = LatentMoments(n_exp, self.module.n_latent)
+        cells = PosteriorSample(n_exp)
         start = 0
         for part in self._iter_pass(reference=True, variance=True):
             stop = start + part["expert"].shape[0]
             usage += np.bincount(part["expert"], minlength=n_exp)
             moments.add(part["expert"], part["z"], part["qz_v"])
+            cells.add(
+                part["expert"], part["z"], part["qz_v"], part.get("library"), part.get("batch")
+            )
             _add_class_mass(mass, part["p"], part["reference"])
             out["expert"][start:stop] = part["expert"]
             if "batch" in part:
@@ -298,6 +302,7 @@ class OutputsMixin:
         )
         centres = self.module.centres.detach().cpu().numpy()
         self.latent_loc_, self.latent_scale_tril_ = moments.fit(centres)
+        self.latent_cells_ = cells.result()
 
 
 def _n_clusters(usage: pd.Series, min_cells: int) -> int:

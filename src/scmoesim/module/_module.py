@@ -437,10 +437,12 @@ class MoESimModule(BaseModuleClass):
         with_mean: bool = True,
         loc: torch.Tensor | None = None,
         scale_tril: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Generate cells: ``z ~ N(mu_k, temperature^2 I)`` decoded by expert ``k``.
 
-        With ``loc`` and ``scale_tril``: ``z ~ N(loc_k, temperature^2 L_k L_k^T)`` instead.
+        With ``loc`` and ``scale_tril``: ``z ~ N(loc_k, temperature^2 L_k L_k^T)`` instead;
+        with ``z``: those latent points.
 
         Parameters
         ----------
@@ -460,6 +462,9 @@ class MoESimModule(BaseModuleClass):
         loc, scale_tril
             ``(K, n_latent)`` means and ``(K, n_latent, n_latent)`` lower Cholesky factors of
             the latent distribution of each expert (``None``: the prior, ``mu_k`` and ``I``).
+        z
+            ``(n, n_latent)`` latent points to decode (``loc``, ``scale_tril`` and
+            ``temperature`` are then not used).
 
         Returns
         -------
@@ -470,12 +475,13 @@ class MoESimModule(BaseModuleClass):
         model sees data scaled to [0, 1]).
         """
         expert = expert.long()
-        noise = torch.randn(
-            expert.shape[0], self.n_latent, device=expert.device, generator=generator
-        )
-        if scale_tril is not None:
-            noise = torch.bmm(scale_tril[expert], noise[:, :, None])[:, :, 0]
-        z = (self.centres if loc is None else loc)[expert] + temperature * noise
+        if z is None:
+            noise = torch.randn(
+                expert.shape[0], self.n_latent, device=expert.device, generator=generator
+            )
+            if scale_tril is not None:
+                noise = torch.bmm(scale_tril[expert], noise[:, :, None])[:, :, 0]
+            z = (self.centres if loc is None else loc)[expert] + temperature * noise
         heads = self.experts.decode(z, expert, batch_index if self.experts.n_cat > 0 else None)
         if self.is_count:
             if library is None:
