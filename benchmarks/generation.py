@@ -103,15 +103,16 @@ def umi_like_model(cache: Path, seed: int, epochs: int = 20):
 def _cached_model(stem: Path, adata, epochs: int | None, **model_kwargs):
     """Load the model cached under ``stem`` + a hash of every setting, or train and cache it.
 
-    A model cached by a scmoesim without the fitted latent distributions gets them from a
-    pass over ``adata`` (its training data), so ``generate`` measures the current default.
+    A model cached by an earlier scmoesim, without the fitted latent distributions or the sample
+    of training cells' posteriors, gets them from a pass over ``adata`` (its training data), so
+    ``generate`` measures the current default.
     """
     settings = model_settings(**model_kwargs)
     digest = hashlib.sha1(repr(sorted(settings.items())).encode()).hexdigest()[:8]
     path = stem.with_name(f"{stem.name}_{digest}")
     if (path / "model.pt").is_file():
         model = scmoesim.MoESim.load(str(path), adata=adata)
-        if getattr(model, "latent_loc_", None) is None:
+        if getattr(model, "latent_cells_", None) is None:
             model._summarise_training_data()
         return model
     model = scmoesim.MoESim(adata, **model_kwargs)
@@ -630,10 +631,11 @@ def _realism_summary(rows: pd.DataFrame) -> dict:
 def latent_comparison(
     model, adata, n_per_cluster: int, seeds: list[int], reference: dict | None = None
 ) -> pd.DataFrame:
-    """``generate(latent=...)``: the fitted Gaussians against the paper's N(mu_k, I)."""
+    """``generate(latent=...)``: the training cells' posteriors, the fitted Gaussians and the
+    paper's N(mu_k, I)."""
     ref = real_reference(model, adata) if reference is None else reference
     rows = []
-    for latent in ("fitted", "prior"):
+    for latent in ("fitted", "posterior", "prior"):
         for seed in seeds:
             acc, _, _ = accuracy_and_realism(model, adata, n_per_cluster, seed, ref, latent=latent)
             rows.append({"latent": latent, "seed": seed, **_realism_summary(pd.DataFrame(acc))})
@@ -641,7 +643,7 @@ def latent_comparison(
 
 
 def pbmc_latent_comparison(model_seeds: list[int], gen_seeds: list[int]) -> pd.DataFrame:
-    """``latent="fitted"`` vs ``"prior"`` on a second kind of model: pbmc68k_reduced.
+    """``latent="posterior"``, ``"fitted"`` and ``"prior"`` on a second model: pbmc68k_reduced.
 
     As in the generation tutorial: log-normalised data, ``likelihood="normal"``, the sorted
     populations as labels, 200 epochs; 200 cells of each of the four largest clusters,
@@ -663,7 +665,7 @@ def pbmc_latent_comparison(model_seeds: list[int], gen_seeds: list[int]) -> pd.D
         p_real = pca.transform(x)
         gamma = metrics._median_heuristic_gamma(p_real)
         for gseed in gen_seeds:
-            for latent in ("fitted", "prior"):
+            for latent in ("fitted", "posterior", "prior"):
                 new = model.generate({c: 200 for c in chosen}, seed=gseed, latent=latent)
                 cluster = new.obs["moesim_cluster"].astype(str).to_numpy()
                 right = clf.predict(np.asarray(new.X)) == cluster
@@ -721,12 +723,13 @@ def main() -> None:
         type=int,
         nargs="+",
         default=[0, 1, 2],
-        help="generation seeds of the fitted-vs-prior comparison",
+        help="generation seeds of the posterior / fitted / prior comparison",
     )
     parser.add_argument(
         "--pbmc-latent",
         action="store_true",
-        help="only the fitted-vs-prior comparison on pbmc68k_reduced (normal likelihood)",
+        help="only the posterior / fitted / prior comparison on pbmc68k_reduced (normal "
+        "likelihood)",
     )
     parser.add_argument(
         "--speed-only",
@@ -745,7 +748,7 @@ def main() -> None:
     if args.pbmc_latent:
         table = pbmc_latent_comparison([0, 1], args.latent_seeds)
         summary = table.groupby(["model seed", "latent"]).mean(numeric_only=True)
-        title = "Generation: fitted latent vs the paper's prior on pbmc68k_reduced"
+        title = "Generation: the latent distributions of generate on pbmc68k_reduced"
         note = "(see `pbmc_latent_comparison` in `generation.py` for the protocol)."
         text = (
             _header(title, t_start, note)
@@ -844,7 +847,7 @@ def main() -> None:
         + pd.DataFrame(real_markers).to_markdown(index=False)
         + "\n\n### Where the extra non-zeros come from\n\n"
         + dens.round(3).to_markdown(index=False)
-        + "\n\n### Latent distribution of `generate`: fitted (default) vs the paper's prior\n\n"
+        + "\n\n### Latent distribution of `generate`: posterior (default), fitted, prior\n\n"
         + latents.round(3).to_markdown(index=False)
         + "\n\n### Model variants (realism vs clustering)\n\n"
         + variants.round(3).to_markdown(index=False)
