@@ -1,15 +1,21 @@
-"""Per-expert Gaussian fits of the latent space, for ``generate(latent="fitted")``.
+"""What ``generate`` draws latent points from, summarised in the pass after training.
+
+:class:`PosteriorSample` keeps a uniform sample of each expert's training cells (posterior
+mean and standard deviation, library size, batch) for ``latent="posterior"``, the default;
+:class:`LatentMoments` fits one Gaussian per expert for ``latent="fitted"``.
 
 The paper generates cluster ``k`` from its prior, ``z ~ N(mu_k, I)``. The cells the model
 actually put in cluster ``k`` occupy a region of the latent space that need not be centred on
 ``mu_k`` nor spread equally in every direction (on the Tabula Muris kidney model their RMS
 distance to ``mu_k`` per dimension is 0.87-1.23, depending on the cluster). Generating
-from a Gaussian fitted to that region, the cluster's aggregated posterior, puts the generated
-cells where real cells of the cluster are.
+from that region, the cluster's aggregated posterior (the mixture of its cells' posteriors),
+puts the generated cells where real cells of the cluster are; the sample follows its shape,
+the Gaussian only its first two moments.
 
-The fit is streamed: per expert, the number of cells, the sums of the posterior means and of
-their outer products, and the sum of the posterior variances (a few ``n_latent^2`` numbers per
-expert, whatever the number of cells).
+Both are streamed. The fit keeps, per expert, the number of cells, the sums of the posterior
+means and of their outer products, and the sum of the posterior variances (a few
+``n_latent^2`` numbers per expert, whatever the number of cells); the sample at most twice its
+size between prunings.
 """
 
 import numpy as np
