@@ -246,6 +246,10 @@ def test_generate_chosen_clusters_reproducible(files, fitted, capsys):
     assert "pass --force" in _error_line(capsys.readouterr().err)
     assert cli.main([*argv, "-o", str(out), "--force"]) == 0
     np.testing.assert_array_equal(ad.read_h5ad(out).X, first.X)
+    # without --latent: the training cells' posteriors, the model's default
+    default = argv[: argv.index("--latent")] + ["-o", str(root / "gen_default.h5ad")]
+    assert cli.main(default) == 0
+    assert ad.read_h5ad(root / "gen_default.h5ad").uns["moesim_generate"]["latent"] == "posterior"
 
 
 def test_generate_errors(files, fitted, tmp_path, capsys):
