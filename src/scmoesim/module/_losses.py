@@ -80,6 +80,17 @@ class _PairBCE(torch.autograd.Function):
         return torch.mm(g_pp, p).add_((p.T @ g_pp).T), None, None
 
 
+def dissimilar_weight(
+    resolution: float, n_similar: torch.Tensor, n_pairs: torch.Tensor
+) -> torch.Tensor:
+    """Weight of a dissimilar pair (a similar one weighs 1) in :func:`similarity_bce`.
+
+    ``resolution * n_similar / n_dissimilar`` for ``n_pairs`` known pairs, ``n_similar`` of
+    them similar (``n_dissimilar`` at least 1).
+    """
+    return resolution * n_similar / (n_pairs - n_similar).clamp_min(1.0)
+
+
 def similarity_bce(
     p: torch.Tensor, s: torch.Tensor, mask: torch.Tensor, resolution: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,8 +141,7 @@ def similarity_bce(
     s = s.to(p.dtype)
     n_pairs = m.sum()
     if resolution is not None:
-        n_similar = (m * s).sum()
-        w = resolution * n_similar / (n_pairs - n_similar).clamp_min(1.0)
+        w = dissimilar_weight(resolution, (m * s).sum(), n_pairs)
         # 1 on similar pairs and w on dissimilar ones (s is 0/1)
         m = m * torch.lerp(w.expand_as(s), torch.ones_like(s), s)
     return _PairBCE.apply(p, s, m) / m.sum().clamp_min(1.0), n_pairs

@@ -15,6 +15,8 @@ joins the halves again.
 
 import torch
 
+from ..module._losses import dissimilar_weight
+
 #: Split when the similar share across the halves is below this fraction of the joining share.
 STRICTNESS = 0.5
 #: Experts with fewer cells in the pass are not split.
@@ -55,10 +57,10 @@ def joining_share(similar: float, known: float, resolution: float | None) -> flo
     """
     if resolution is None:
         return 0.5
-    share = similar / max(known, 1.0)
-    if share >= 1.0:
+    if similar >= known > 0:
         return 1.0
-    w = resolution * share / (1.0 - share)
+    counts = torch.tensor([similar, known], dtype=torch.float64)
+    w = float(dissimilar_weight(resolution, counts[0], counts[1]))
     return w / (1.0 + w)
 
 
