@@ -130,8 +130,7 @@ class GenerateMixin:
             isinstance(temperature, int | float) and np.isfinite(temperature) and temperature >= 0
         ):
             raise ValueError(f"temperature must be a non-negative number, got {temperature!r}.")
-        loc, scale_tril = self._latent_distribution(latent)
-        cells = getattr(self, "latent_cells_", None) if latent == "posterior" else None
+        loc, scale_tril, cells = self._latent_distribution(latent)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
         if chunk_size < 1:
@@ -230,15 +229,22 @@ class GenerateMixin:
         return result
 
     # ------------------------------------------------------------------ helpers
-    def _latent_distribution(self, latent) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Per-expert means and Cholesky factors for ``latent`` (``None, None``: the prior)."""
+    def _latent_distribution(
+        self, latent
+    ) -> tuple[np.ndarray | None, np.ndarray | None, dict | None]:
+        """Per-expert means and Cholesky factors, and the kept training cells, for ``latent``.
+
+        ``(None, None, cells)``: the posteriors of the kept cells; ``(loc, scale_tril, None)``:
+        the fitted Gaussians; ``(None, None, None)``: the prior.
+        """
         if not isinstance(latent, str) or latent not in ("fitted", "posterior", "prior"):
             raise ValueError(f"latent must be 'fitted', 'posterior' or 'prior', got {latent!r}.")
         if latent == "prior":
-            return None, None
+            return None, None, None
         if latent == "posterior":
-            if getattr(self, "latent_cells_", None) is not None:
-                return None, None
+            cells = getattr(self, "latent_cells_", None)
+            if cells is not None:
+                return None, None, cells
             warnings.warn(
                 "This model holds no sample of its training cells' posteriors (it was saved by "
                 "an earlier scmoesim, before generate() had latent='posterior'); generating "
@@ -255,8 +261,8 @@ class GenerateMixin:
                 UserWarning,
                 stacklevel=3,
             )
-            return None, None
-        return loc, self.latent_scale_tril_
+            return None, None, None
+        return loc, self.latent_scale_tril_, None
 
     def _draw_starts(
         self, cells: dict, experts: np.ndarray, batches: np.ndarray, libraries, rng
