@@ -4,8 +4,8 @@ Methods (each run on every dataset, several seeds):
 
 * ``moesim_knn``: MoESim with the unsupervised kNN similarity on the paper's UMAP projection
   (``scmoesim.pp.umap_embedding`` of the data, or of its PCA above 50 features; with
-  ``--knn-rep pca``, on the PCA that the baselines use), default model settings, no tuning on
-  the labels;
+  ``--knn-rep pca``, on the PCA that the baselines use; ``--knn-rep`` also has the ablations
+  ``diffmap``, ``umap+graph`` and ``graph``), default model settings, no tuning on the labels;
 * ``moesim_knn_merged``: the same trained model after ``model.merge_clusters()`` (experts joined
   by greedy modularity on the kNN graph of the same embedding, resolution 1); reuses the
   ``moesim_knn`` model of the same dataset and seed when that ran first;
@@ -62,6 +62,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scanpy as sc
 import scvi
 import torch
 from sklearn.decomposition import PCA
@@ -241,15 +242,29 @@ def _knn_model(
 ) -> scmoesim.MoESim:
     adata = ds.adata.copy()
     key = "X_pca"  # --knn-rep pca: the representation PCA + Leiden uses
-    if opts.knn_rep == "umap":
+    graph = None
+    if opts.knn_rep in ("umap", "umap+graph"):
         scmoesim.pp.umap_embedding(
             adata, use_rep=ds.umap_rep, random_state=seed, **opts.umap_kwargs
         )
         key = "X_umap"
+        if opts.knn_rep == "umap+graph":
+            graph = "connectivities"  # the UMAP's own kNN graph: linked pairs similar first
+    elif opts.knn_rep == "graph":
+        # the kNN graph PCA + Leiden clusters, sliced to each minibatch, and no embedding
+        scmoesim.pp.neighbors(adata, use_rep="X_pca")
+        key, graph = None, "connectivities"
+    elif opts.knn_rep == "diffmap":
+        # diffusion map of the kNN graph of the UMAP's input (the trivial first component
+        # dropped): distances that follow the graph at the scale of a minibatch's k-NN
+        scmoesim.pp.neighbors(adata, use_rep=ds.umap_rep)
+        sc.tl.diffmap(adata, n_comps=opts.diffmap_comps + 1)
+        adata.obsm["X_diffmap"] = np.asarray(adata.obsm["X_diffmap"])[:, 1:]
+        key = "X_diffmap"
     scvi.settings.seed = seed
-    scmoesim.MoESim.setup_anndata(adata, layer=ds.layer, embedding_key=key)
+    scmoesim.MoESim.setup_anndata(adata, layer=ds.layer, embedding_key=key, graph_key=graph)
     model = scmoesim.MoESim(adata, likelihood=ds.likelihood, **opts.moesim_kwargs)
-    model.train(max_epochs=opts.max_epochs, enable_progress_bar=False)
+    model.train(max_epochs=opts.max_epochs, enable_progress_bar=False, **opts.train_kwargs)
     if cache:
         _KNN_MODELS[ds.name, seed] = model
     return model
@@ -441,6 +456,7 @@ def write_markdown(path: str, df: pd.DataFrame, notes: dict, opts) -> None:
         + (f" ({opts.umap_kwargs})" if opts.umap_kwargs and opts.knn_rep == "umap" else "")
         + ". MoESim settings: defaults"
         + (f" plus {opts.moesim_kwargs}" if opts.moesim_kwargs else "")
+        + (f"; kNN models trained with {opts.train_kwargs}" if opts.train_kwargs else "")
         + f"; epochs: {opts.max_epochs or 'scvi-tools heuristic'}. Scores from "
         "`scmoesim.metrics` (`hungarian_f1`: Hungarian-matched mean F1; `f_measure`: paper "
         "Eq. 12; `clusters`: number of predicted clusters among the scored cells). Mean ± "
@@ -504,11 +520,21 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None, help="default: scvi heuristic")
     parser.add_argument(
         "--knn-rep",
-        choices=["umap", "pca"],
+        choices=["umap", "pca", "diffmap", "umap+graph", "graph"],
         default="umap",
-        help="embedding of MoESim's kNN similarity: the paper's UMAP, or the PCA of the baselines",
+        help="MoESim's unsupervised similarity: kNN on the paper's UMAP (default), on the PCA of "
+        "the baselines or on a diffusion map; the UMAP's kNN graph (graph_key) before the UMAP "
+        "kNN (umap+graph); the PCA's kNN graph alone (graph)",
+    )
+    parser.add_argument(
+        "--diffmap-comps", type=int, default=15, help="diffusion components (--knn-rep diffmap)"
     )
     parser.add_argument("--moesim-kwargs", default="{}", help="MoESim kwargs as JSON (ablations)")
+    parser.add_argument(
+        "--train-kwargs",
+        default="{}",
+        help="MoESim.train kwargs of the kNN models as JSON (batch_size, plan_kwargs, ...)",
+    )
     parser.add_argument(
         "--umap-kwargs",
         default="{}",
@@ -532,6 +558,7 @@ def main() -> None:
     opts = parser.parse_args()
     opts.moesim_kwargs = json.loads(opts.moesim_kwargs)
     opts.umap_kwargs = json.loads(opts.umap_kwargs)
+    opts.train_kwargs = json.loads(opts.train_kwargs)
     if opts.jobs < 1:
         parser.error("--jobs must be at least 1")
     if opts.h5ad and not opts.label_key:

@@ -1,0 +1,91 @@
+"""Is the gate's gap to Leiden in the similarity loss or in its optimisation?
+
+Trains MoESim on one dataset with the kNN graph that PCA + Leiden clusters (``graph_key``, no
+embedding) in a single minibatch of all cells, so that every cell sees all of its graph
+neighbours, once per ``--resolutions`` value; then scores the gate's partitions, Leiden's and the
+truth with the pair loss itself on that graph, for hard assignments: ``cut similar pairs + w *
+joined dissimilar pairs`` with ``w = r * n_similar / n_dissimilar`` (the weighting of
+``scmoesim.module.similarity_bce``; with one-hot gates its clamped BCE is proportional to this).
+
+A partition of the gate that the loss prefers to Leiden's but that agrees less with the truth
+points at the objective; a gate partition with a worse loss than Leiden's points at the
+optimiser. Recorded in ``results_exploration.md`` (2026-12-04).
+
+Usage::
+
+    python pair_objective.py --dataset pbmc68k_reduced --resolutions 4 1 --epochs 1000
+"""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import scvi
+
+import scmoesim
+from _common import leiden
+from scmoesim import metrics
+from suite import BUILTIN
+
+
+def pair_loss(adjacency: np.ndarray, labels: np.ndarray, resolution: float) -> float:
+    """``cut + w * joined`` of a hard partition on a binary graph (no self-pairs)."""
+    n = len(labels)
+    same = labels[:, None] == labels[None, :]
+    np.fill_diagonal(same, False)
+    n_similar = adjacency.sum()
+    w = resolution * n_similar / (n * (n - 1) - n_similar)
+    cut = adjacency[~same].sum()
+    joined = same.sum() - adjacency[same].sum()
+    return float(cut + w * joined)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="pbmc68k_reduced", choices=list(BUILTIN))
+    parser.add_argument("--resolutions", type=float, nargs="+", default=[4.0, 1.0])
+    parser.add_argument("--scores-at", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--epochs", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    ds = BUILTIN[args.dataset]()
+    adata = ds.adata.copy()
+    scmoesim.pp.neighbors(adata, use_rep="X_pca")  # the graph PCA + Leiden clusters
+    adjacency = (adata.obsp["connectivities"] > 0).toarray()
+    np.fill_diagonal(adjacency, False)
+    adjacency = adjacency.astype(np.float64)
+
+    partitions = {"truth": ds.truth.astype(str), "PCA + Leiden": leiden(ds.pca, args.seed)}
+    for r in args.resolutions:
+        scvi.settings.seed = args.seed
+        scmoesim.MoESim.setup_anndata(adata, layer=ds.layer, graph_key="connectivities")
+        model = scmoesim.MoESim(adata, likelihood=ds.likelihood, similarity_resolution=r)
+        start = time.perf_counter()
+        model.train(
+            max_epochs=args.epochs,
+            batch_size=adata.n_obs,
+            train_size=1.0,
+            enable_progress_bar=False,
+        )
+        print(f"r = {r:g}: trained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        partitions[f"gate trained at r = {r:g}"] = np.asarray(model.predict()).astype(str)
+
+    rows = []
+    for name, labels in partitions.items():
+        row = {
+            "partition": name,
+            "ARI": round(metrics.ari(ds.truth[ds.keep], labels[ds.keep]), 3),
+            "K": len(set(labels[ds.keep])),
+        }
+        for r in args.scores_at:
+            row[f"loss at r = {r:g}"] = round(pair_loss(adjacency, labels, r))
+        rows.append(row)
+    print(f"{args.dataset}, seed {args.seed}, {args.epochs} epochs in one minibatch")
+    print(pd.DataFrame(rows).to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()
