@@ -249,7 +249,7 @@ def _knn_model(
         )
         key = "X_umap"
         if opts.knn_rep == "umap+graph":
-            graph = "connectivities"  # the UMAP's own kNN graph: linked pairs similar first
+            graph = "connectivities"  # the graph the UMAP was built from: its pairs decide first
     elif opts.knn_rep == "graph":
         # the kNN graph PCA + Leiden clusters, sliced to each minibatch, and no embedding
         scmoesim.pp.neighbors(adata, use_rep="X_pca")
@@ -453,7 +453,7 @@ def write_markdown(path: str, df: pd.DataFrame, notes: dict, opts) -> None:
         f"Environment: {environment()}",
         "",
         f"MoESim kNN similarity on: {opts.knn_rep}"
-        + (f" ({opts.umap_kwargs})" if opts.umap_kwargs and opts.knn_rep == "umap" else "")
+        + (f" ({opts.umap_kwargs})" if opts.umap_kwargs and "umap" in opts.knn_rep else "")
         + ". MoESim settings: defaults"
         + (f" plus {opts.moesim_kwargs}" if opts.moesim_kwargs else "")
         + (f"; kNN models trained with {opts.train_kwargs}" if opts.train_kwargs else "")
@@ -561,6 +561,8 @@ def main() -> None:
     opts.train_kwargs = json.loads(opts.train_kwargs)
     if opts.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if opts.diffmap_comps < 1:
+        parser.error("--diffmap-comps must be at least 1")
     if opts.h5ad and not opts.label_key:
         parser.error("--h5ad needs --label-key")
     unknown = set(opts.datasets) - set(BUILTIN)
