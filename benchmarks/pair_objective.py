@@ -4,8 +4,9 @@ Trains MoESim on one dataset with the kNN graph that PCA + Leiden clusters (``gr
 embedding) in a single minibatch of all cells, so that every cell sees all of its graph
 neighbours, once per ``--resolutions`` value; then scores the gate's partitions, Leiden's and the
 truth with the pair loss itself on that graph, for hard assignments: ``cut similar pairs + w *
-joined dissimilar pairs`` with ``w = r * n_similar / n_dissimilar`` (the weighting of
-``scmoesim.module.similarity_bce``; with one-hot gates its clamped BCE is proportional to this).
+joined dissimilar pairs`` with ``w = r * n_similar / n_dissimilar`` (``dissimilar_weight``, the
+weighting of ``scmoesim.module.similarity_bce``; with one-hot gates its clamped BCE is
+proportional to this).
 
 The loss's own optimum is found too: for hard assignments, ``cut + w * joined`` is, up to a
 constant, minus the constant Potts model (CPM) quality of the partition on that graph with
@@ -32,32 +33,38 @@ import leidenalg
 import numpy as np
 import pandas as pd
 import scvi
+import torch
 
 import scmoesim
 from _common import leiden
 from scmoesim import metrics
+from scmoesim.module._losses import dissimilar_weight
+
+
+def cut_and_joined(adjacency: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Similar pairs split and dissimilar pairs joined by a hard partition (no self-pairs)."""
+    same = labels[:, None] == labels[None, :]
+    np.fill_diagonal(same, False)
+    within = adjacency[same].sum()
+    return float(adjacency.sum() - within), float(same.sum() - within)
+
+
+def weight(adjacency: np.ndarray, resolution: float) -> float:
+    """The loss's weight of a dissimilar pair for this graph (``dissimilar_weight``)."""
+    n = len(adjacency)
+    n_similar = torch.tensor(adjacency.sum())
+    return float(dissimilar_weight(resolution, n_similar, torch.tensor(float(n * (n - 1)))))
 
 
 def pair_loss(adjacency: np.ndarray, labels: np.ndarray, resolution: float) -> float:
-    """``cut + w * joined`` of a hard partition on a binary graph (no self-pairs)."""
-    same = labels[:, None] == labels[None, :]
-    np.fill_diagonal(same, False)
-    w = dissimilar_weight(adjacency, resolution)
-    cut = adjacency[~same].sum()
-    joined = same.sum() - adjacency[same].sum()
-    return float(cut + w * joined)
-
-
-def dissimilar_weight(adjacency: np.ndarray, resolution: float) -> float:
-    """``w = r * n_similar / n_dissimilar`` over all ordered pairs of distinct cells."""
-    n = len(adjacency)
-    n_similar = adjacency.sum()
-    return float(resolution * n_similar / (n * (n - 1) - n_similar))
+    """``cut + w * joined`` of a hard partition on a binary graph."""
+    cut, joined = cut_and_joined(adjacency, labels)
+    return cut + weight(adjacency, resolution) * joined
 
 
 def pair_loss_optimum(adjacency: np.ndarray, resolution: float, seeds: int = 5) -> np.ndarray:
     """The partition of least :func:`pair_loss`: Leiden on the CPM at ``w / (1 + w)``."""
-    w = dissimilar_weight(adjacency, resolution)
+    w = weight(adjacency, resolution)
     src, dst = np.nonzero(np.triu(adjacency, 1))
     graph = ig.Graph(n=len(adjacency), edges=list(zip(src.tolist(), dst.tolist(), strict=True)))
     candidates = [
@@ -104,9 +111,9 @@ def main() -> None:
     adjacency = adjacency.astype(np.float64)
 
     partitions = {"truth": ds.truth.astype(str), "PCA + Leiden": leiden(ds.pca, args.seed)}
+    scmoesim.MoESim.setup_anndata(adata, layer=ds.layer, graph_key="connectivities")
     for r in args.resolutions:
         scvi.settings.seed = args.seed
-        scmoesim.MoESim.setup_anndata(adata, layer=ds.layer, graph_key="connectivities")
         model = scmoesim.MoESim(adata, likelihood=ds.likelihood, similarity_resolution=r)
         start = time.perf_counter()
         model.train(
@@ -129,8 +136,9 @@ def main() -> None:
             "NMI": round(metrics.nmi(ds.truth[ds.keep], labels[ds.keep]), 3),
             "K": len(set(labels[ds.keep])),
         }
+        cut, joined = cut_and_joined(adjacency, labels)
         for r in args.scores_at:
-            row[f"loss at r = {r:g}"] = round(pair_loss(adjacency, labels, r))
+            row[f"loss at r = {r:g}"] = round(cut + weight(adjacency, r) * joined)
         rows.append(row)
     trained = f", gates: {args.epochs} epochs in one minibatch" if args.resolutions else ""
     print(f"{args.dataset}, seed {args.seed}{trained}")
