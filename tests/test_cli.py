@@ -1,6 +1,7 @@
 import contextlib
 import io
 import json
+import re
 
 import anndata as ad
 import numpy as np
@@ -150,6 +151,23 @@ def test_fit_counts_layer_with_csv_signatures(kidney, tmp_path, capsys):
     new = ad.read_h5ad(gen)
     assert new.n_obs == 30 and sparse.issparse(new.X)
     assert np.array_equal(new.X.data, np.round(new.X.data))
+
+
+def test_fit_restarts(files, tmp_path, capsys):
+    """--restarts N: N trainings, the lowest similarity loss kept, reported in one line."""
+    root, _ = files
+    out = tmp_path / "r.h5ad"
+    argv = ["fit", str(root / "pbmc.h5ad"), "-o", str(out), "--likelihood", "normal"]
+    argv += ["--embedding-key", "X_pca", "--n-experts", "6", "--restarts", "2", *FAST]
+    assert cli.main(argv) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("restarts")]
+    assert len(line) == 1 and re.search(r"0: \d\.\d{4} \(\d clusters\), 1: ", line[0])
+    assert re.search(r"kept restart [01]$", line[0])
+    assert ad.read_h5ad(out).obsm["moesim_proba"].shape[1] == 6
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--restarts", "0"])
+    assert exc.value.code == 2
+    assert "must be >= 1" in capsys.readouterr().err
 
 
 def test_fit_umap_for_the_knn_similarity(files, tmp_path, capsys):
@@ -327,6 +345,7 @@ def test_cli_copies_of_model_constants_agree(capsys):
             ["--layer", "--batch-key", "--labels-key", "--unlabeled-category", "--signatures"]
             + ["--embedding-key", "--n-experts", "--n-latent", "--likelihood", "--epochs"]
             + ["--batch-size", "--accelerator", "--seed", "--save-model", "--force", "--quiet"]
+            + ["--restarts"]
             + ["--umap", "--umap-components", "--umap-min-dist"],
         ),
         (

@@ -266,6 +266,15 @@ def _format_report(rep: dict) -> str:
     return ", ".join(f"{k} {rep[k]:.3f}" for k in ("f_measure", "nmi", "ari", "hungarian_f1"))
 
 
+def _restarts_line(table) -> str:
+    """One line on the restarts: each one's similarity loss and clusters, and the one kept."""
+    parts = [
+        f"{r}: {row.similarity_loss:.4f} ({row.n_clusters} clusters)" for r, row in table.iterrows()
+    ]
+    kept = int(table.index[table["kept"]][0])
+    return f"restarts (similarity loss): {', '.join(parts)}; kept restart {kept}"
+
+
 def _n_epochs(model) -> int | None:
     hist = getattr(model, "history", None) or {}
     for key in ("elbo_train", "reconstruction_loss_train"):
@@ -400,8 +409,11 @@ def _fit(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             accelerator=args.accelerator,
             enable_progress_bar=not args.quiet,
+            n_restarts=args.restarts,
         )
         model.annotate(adata)
+    if model.restarts_ is not None:
+        print(_restarts_line(model.restarts_))
     n_epochs = _n_epochs(model)
     print(f"trained {n_epochs if n_epochs is not None else '?'} epochs in {time.time() - t0:.1f} s")
     _print_clusters(adata)
@@ -676,6 +688,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--accelerator",
         default="auto",
         help="Lightning accelerator: auto (a GPU when present), cpu, gpu, mps (default: auto)",
+    )
+    mdl.add_argument(
+        "--restarts",
+        type=_int_at_least(1),
+        default=1,
+        metavar="N",
+        help="train N initialisations and keep the one with the lowest similarity loss "
+        "(costs N trainings; default: 1)",
     )
     mdl.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     fit.add_argument(

@@ -26,6 +26,7 @@ from ._fields import GraphNeighborsField, PartialLabelsObsField
 from ._generate import GenerateMixin
 from ._merge import MergeMixin
 from ._outputs import OutputsMixin
+from ._restarts import check_restarts, train_with_restarts
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,8 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
                 stacklevel=2,
             )
         n_batch = self.summary_stats.n_batch
-        self.module = self._module_cls(
+        # kept to build fresh modules for train(n_restarts=...)
+        self._module_kwargs = dict(
             n_input=self.summary_stats.n_vars,
             n_experts=int(n_experts),
             n_latent=n_latent,
@@ -279,6 +281,8 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             knn_rule=knn_rule,
             centre_decay=centre_decay,
         )
+        self.module = self._module_cls(**self._module_kwargs)
+        self.restarts_ = None  # set by train(n_restarts > 1)
         self.cluster_names_ = self._default_cluster_names(int(n_experts))
         self._model_summary_string = (
             f"MoESim: {n_experts} experts, n_latent={n_latent}, likelihood={likelihood!r}, "
@@ -390,8 +394,9 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every_n_epochs: int = 1,
         ckpt_path: str | os.PathLike | None = None,
+        n_restarts: int = 1,
         **trainer_kwargs,
-    ):
+    ) -> None:
         """Train with Lightning (uses a GPU when one is available).
 
         Parameters
@@ -441,6 +446,15 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             AnnData and parameters and set the same ``scvi.settings.seed`` as the first run;
             ``max_epochs`` counts from the start of the first run. A mismatching model raises
             before training. Combine with ``checkpoint_dir`` to keep writing checkpoints.
+        n_restarts
+            Train this many initialisations and keep the one whose gate fits its similarity
+            best (the lowest similarity loss over all cells after training; the labels of a
+            benchmark are never used), as ``n_init`` does for k-means. Restart 0 is the model
+            as created; restart ``r`` starts from ``scvi.settings.seed + r``. Costs
+            ``n_restarts`` trainings. The restarts' losses and numbers of clusters are in
+            ``model.restarts_``. Needs an untrained model with a similarity source, and no
+            ``checkpoint_dir`` or ``ckpt_path``. Measured in
+            ``benchmarks/results_restarts.md``.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` / Lightning, except ``datasplitter_kwargs``,
             which goes to scvi-tools' data splitter (``drop_last`` is ``True`` by default, see
@@ -467,6 +481,7 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         recorded in ``model.history`` (``reconstruction_loss_train``, ``similarity_loss_train``,
         ``depict_loss_train``, ``kl_divergence_train``, ...).
         """
+        check_restarts(self, n_restarts, ckpt_path, checkpoint_dir)
         plan_kwargs = V.as_kwargs(plan_kwargs, "plan_kwargs")
         unknown = sorted(set(plan_kwargs) - MoESimTrainingPlan.valid_kwargs())
         if unknown:
@@ -488,29 +503,46 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             batch_size = max(2, min(batch_size, per_process))
         plan_kwargs.setdefault("lr", lr)
         trainer_kwargs.setdefault("check_val_every_n_epoch", None)
-        flag = InterruptFlag()
-        callbacks = [*(trainer_kwargs.get("callbacks") or []), flag]
+        user_callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         if ckpt_path is not None:
             ckpt_path = resolve_checkpoint(ckpt_path)
             check_checkpoint_fits(ckpt_path, self.module)
             trainer_kwargs["ckpt_path"] = str(ckpt_path)
         if checkpoint_dir is not None or ckpt_path is not None:
-            callbacks.append(PeriodicCheckpoint(checkpoint_dir, checkpoint_every_n_epochs))
-        trainer_kwargs["callbacks"] = callbacks
+            user_callbacks.append(PeriodicCheckpoint(checkpoint_dir, checkpoint_every_n_epochs))
+        fit_kwargs = {
+            "max_epochs": max_epochs,
+            "accelerator": accelerator,
+            "devices": devices,
+            "train_size": train_size,
+            "validation_size": validation_size,
+            "batch_size": batch_size,
+            "early_stopping": early_stopping,
+            "datasplitter_kwargs": datasplitter_kwargs,
+            **trainer_kwargs,
+        }
+
+        def fit() -> tuple[bool, bool]:
+            # a copy of plan_kwargs per training: the plan may consume it
+            return self._fit_once(fit_kwargs, dict(plan_kwargs), user_callbacks)
+
+        if n_restarts == 1:
+            trained = fit()[0]
+        else:
+            trained = train_with_restarts(self, n_restarts, fit, batch_size)
+        if trained:
+            self._summarise_training_data()
+
+    def _fit_once(self, fit_kwargs: dict, plan_kwargs: dict, callbacks: list) -> tuple[bool, bool]:
+        """One scvi-tools training of ``self.module``: ``(a step ran, interrupted by the user)``.
+
+        Keeps the model after a Ctrl-C (with a warning) and leaves an untrained model untrained
+        when no step ran (with a warning).
+        """
+        flag = InterruptFlag()
         rows, was_trained = _history_rows(self.history_), self.is_trained_
         try:
-            super().train(
-                max_epochs=max_epochs,
-                accelerator=accelerator,
-                devices=devices,
-                train_size=train_size,
-                validation_size=validation_size,
-                batch_size=batch_size,
-                early_stopping=early_stopping,
-                plan_kwargs=plan_kwargs,
-                datasplitter_kwargs=datasplitter_kwargs,
-                **trainer_kwargs,
-            )
+            super().train(plan_kwargs=plan_kwargs, callbacks=[*callbacks, flag], **fit_kwargs)
         except SystemExit:
             if not flag.interrupted:
                 raise
@@ -519,24 +551,28 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
                 f"Training interrupted by the user after {flag.epochs_done} epoch(s); the model "
                 "keeps its last weights and can be used, saved or trained further.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=4,
             )
             self.module.eval()
             self.is_trained_ = True
-        if not flag.interrupted and max_epochs != 0 and _history_rows(self.history_) == rows:
+        if (
+            not flag.interrupted
+            and fit_kwargs["max_epochs"] != 0
+            and _history_rows(self.history_) == rows
+        ):
             # a model that was untrained stays untrained, so the next call starts a fresh history
             # (scvi-tools only extends the metrics a trained model already has)
             self.is_trained_ = was_trained
             warnings.warn(
                 "No training step ran: this call left the weights unchanged. The training split "
-                f"gave no minibatch of batch_size={batch_size} (cells are split over the "
-                "processes with several devices; the last incomplete minibatch is dropped), "
-                "or the trainer was told to skip training (limit_train_batches=0).",
+                f"gave no minibatch of batch_size={fit_kwargs['batch_size']} (cells are split "
+                "over the processes with several devices; the last incomplete minibatch is "
+                "dropped), or the trainer was told to skip training (limit_train_batches=0).",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=4,
             )
-            return  # unchanged weights: the summary of the last training still holds
-        self._summarise_training_data()
+            return False, False  # unchanged weights: the last training's summary still holds
+        return True, flag.interrupted
 
     # ------------------------------------------------------------------ persistence
     def save(
