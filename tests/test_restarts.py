@@ -10,6 +10,8 @@ import torch
 import scmoesim
 from scmoesim.model._restarts import clustering_objective
 
+from .conftest import KIDNEY_SIGS
+
 TRAIN = {"max_epochs": 4, "batch_size": 64, "enable_progress_bar": False}
 
 
@@ -114,3 +116,15 @@ def test_restarts_refuse_what_cannot_work(mixture, tmp_path):
         no_source = scmoesim.MoESim(bare, likelihood="normal", n_experts=4)
     with pytest.raises(ValueError, match="no similarity source is registered"):
         no_source.train(n_restarts=2, **TRAIN)
+
+
+def test_restarts_with_signatures_copy_the_scorer(kidney):
+    scmoesim.MoESim.setup_anndata(kidney, layer="counts", signatures=KIDNEY_SIGS)
+    model = scmoesim.MoESim(kidney, n_experts=4)
+    scorer = model.module.signature_scorer
+    model.train(n_restarts=2, **TRAIN)
+    kept = model.module.signature_scorer
+    assert (kept is scorer) == bool(model.restarts_.loc[0, "kept"])
+    for key, value in scorer.state_dict().items():
+        torch.testing.assert_close(kept.state_dict()[key], value)
+    assert set(model.predict().unique()) <= set(KIDNEY_SIGS) | {"3"}

@@ -14,6 +14,7 @@ comparison does not depend on the last epoch's shuffling or on the latent noise.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -105,6 +106,19 @@ def check_restarts(model: MoESim, n_restarts, ckpt_path, checkpoint_dir) -> None
         )
 
 
+def _fresh_module(model: MoESim):
+    """A new module with the model's parameters.
+
+    Submodules among them (the signature scorer, which holds only buffers) are copied, so no
+    two restarts share one.
+    """
+    kwargs = {
+        key: copy.deepcopy(value) if isinstance(value, torch.nn.Module) else value
+        for key, value in model._module_kwargs.items()
+    }
+    return model._module_cls(**kwargs)
+
+
 def train_with_restarts(
     model: MoESim, n_restarts: int, fit: Callable[[], tuple[bool, bool]], batch_size: int
 ) -> bool:
@@ -121,7 +135,7 @@ def train_with_restarts(
     for r in range(n_restarts):
         if r > 0:
             seed_everything(base + r, verbose=False)
-            model.module = model._module_cls(**model._module_kwargs)
+            model.module = _fresh_module(model)
             model.history_, model.is_trained_ = None, False
         trained, interrupted = fit()
         if not trained:
