@@ -217,8 +217,12 @@ def test_temperature_zero_decodes_the_centre(model):
     # counts are still sampled: their average matches the expected values
     np.testing.assert_allclose(gen.X.sum() / mean.sum(), 1.0, rtol=0.05)
     assert gen.X.max() > 0 and not np.allclose(gen.X.toarray(), mean)
-    with pytest.raises(ValueError, match="temperature must be a non-negative"):
-        model.generate(5, temperature=-1.0)
+    # numpy scalars are numbers too (a temperature taken from np.linspace, say)
+    for t in (np.float32(0.5), np.float64(0.5), np.int64(1)):
+        assert model.generate(3, temperature=t).uns["moesim_generate"]["temperature"] == float(t)
+    for bad in (-1.0, float("nan"), True, np.bool_(True), "1", None):
+        with pytest.raises(ValueError, match="temperature must be a non-negative"):
+            model.generate(5, temperature=bad)
 
 
 def test_latent_moments_streamed_and_shrunk():
@@ -421,6 +425,43 @@ def test_filename_writes_backed_h5ad(model, tmp_path):
     assert empty.shape == (0, mem.n_vars)
 
 
+def test_merged_cluster_cells_and_record_are_grouped_by_cluster(model, monkeypatch):
+    """Experts 0 and 2 share a name (as merge_clusters leaves them): their cells come together,
+    and uns, read by the command line's summary, counts clusters, not experts."""
+    names = list(model.cluster_names_)
+    merged = [names[0], names[1], names[0], names[3]]
+    monkeypatch.setattr(model, "cluster_names_", merged)
+    gen = model.generate({names[1]: 5, names[0]: 12, names[3]: 4}, seed=0)
+    got = gen.obs["moesim_cluster"].astype(str).to_numpy()
+    expected = [names[0]] * 12 + [names[1]] * 5 + [names[3]] * 4
+    np.testing.assert_array_equal(got, expected)
+    experts = gen.obs["moesim_expert"].to_numpy()
+    assert set(experts[:12]) <= {0, 2} and (np.diff(experts[:12]) >= 0).all()
+    assert (experts[12:17] == 1).all() and (experts[17:] == 3).all()
+    record = gen.uns["moesim_generate"]
+    assert record["clusters"] == [names[0], names[1], names[3]]
+    np.testing.assert_array_equal(record["n_cells"], [12, 5, 4])
+    assert record["proportions"] == "n_cells" and record["batch"] == "drawn"
+    # clusters given no cells are left out of the record
+    gen = model.generate({names[0]: 0, names[3]: 2}, seed=0)
+    assert gen.uns["moesim_generate"]["clusters"] == [names[3]]
+
+
+def test_generate_needs_a_trained_model(kidney_full):
+    adata = kidney_full[:60, :50].copy()
+    MoESim.setup_anndata(adata, layer="counts")
+    fresh = MoESim(adata, n_experts=3)
+    with pytest.raises(RuntimeError, match=r"Train the model \(model.train\(\)\) before"):
+        fresh.generate(10)
+
+
+def test_no_cells_write_an_empty_file_for_every_kind(model, tmp_path):
+    """An empty dense dataset cannot be chunked: it used to fail, leaving the file behind."""
+    empty = model.generate(0, filename=tmp_path / "mean.h5ad", store_mean=True)
+    assert empty.shape == (0, model.adata.n_vars) and empty.layers["mean"].shape == empty.shape
+    assert ad.read_h5ad(tmp_path / "mean.h5ad").shape == empty.shape
+
+
 def test_failed_write_leaves_no_file(model, tmp_path, monkeypatch):
     calls = []
     original = model.module.sample_from_experts
@@ -436,6 +477,16 @@ def test_failed_write_leaves_no_file(model, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         model.generate(100, chunk_size=40, filename=path)
     assert not path.exists()
+    # nor does a failure while the file is being laid out, before the first chunk
+    from scmoesim.model import _generate
+
+    def no_dataset(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_generate, "_dense_dataset", no_dataset)
+    with pytest.raises(OSError, match="disk full"):
+        model.generate(10, filename=path, store_mean=True)
+    assert not path.exists()
 
 
 def test_dense_likelihood_generates_float_and_writes(pbmc, tmp_path):
@@ -448,3 +499,6 @@ def test_dense_likelihood_generates_float_and_writes(pbmc, tmp_path):
     assert "library_size" not in mem.obs
     disk = model.generate(90, seed=0, chunk_size=32, filename=tmp_path / "n.h5ad")
     np.testing.assert_array_equal(np.asarray(disk.X[:]), mem.X)
+    assert mem.uns["moesim_generate"]["batch"] == "none"  # no batch covariate registered
+    empty = model.generate(0, filename=tmp_path / "empty.h5ad")
+    assert empty.shape == (0, small.n_vars) and ad.read_h5ad(tmp_path / "empty.h5ad").n_obs == 0

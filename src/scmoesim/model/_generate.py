@@ -1,5 +1,6 @@
 """Generation of new cells by the experts of a trained :class:`MoESim`."""
 
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -113,9 +114,11 @@ class GenerateMixin:
         ``layers["mean"]``: expected values (see ``store_mean``). ``obs["moesim_cluster"]``,
         ``obs["moesim_expert"]``, ``obs["batch"]`` (with a batch covariate) and
         ``obs["library_size"]`` (count likelihoods: the drawn library size).
-        ``uns["moesim_generate"]`` records how it was made (``clusters`` and ``n_cells`` per
-        cluster, ``proportions``, ``temperature``, ``latent``, ``batch``, ``seed``,
-        ``chunk_size``, ``likelihood``).
+        ``uns["moesim_generate"]`` records how it was made: ``clusters`` and ``n_cells`` per
+        cluster (in the order of the cells), ``proportions`` (``"training"``, ``"uniform"``,
+        ``"given"`` for weights, ``"n_cells"`` for exact numbers), ``temperature``, ``latent``,
+        ``batch`` (the chosen batch, ``"drawn"``, or ``"none"`` without a batch covariate),
+        ``seed`` (-1 for none), ``chunk_size``, ``likelihood``.
 
         Examples
         --------
@@ -124,10 +127,11 @@ class GenerateMixin:
         >>> model.generate(1000, proportions={"B cell": 0.2, "NK cell": 0.8})
         >>> model.generate(1_000_000, filename="generated.h5ad", progress_bar=True)
         """
-        self._check_if_trained(warn=True)
-        per_expert = self._cells_per_expert(n_cells, clusters, proportions)
+        if not self.is_trained_:
+            raise RuntimeError("Train the model (model.train()) before generating cells.")
+        per_cluster, per_expert = self._cells_per_expert(n_cells, clusters, proportions)
         if isinstance(temperature, bool) or not (
-            isinstance(temperature, int | float) and np.isfinite(temperature) and temperature >= 0
+            isinstance(temperature, numbers.Real) and np.isfinite(temperature) and temperature >= 0
         ):
             raise ValueError(f"temperature must be a non-negative number, got {temperature!r}.")
         loc, scale_tril, cells = self._latent_distribution(latent)
@@ -147,7 +151,10 @@ class GenerateMixin:
             store_mean = filename is None
 
         rng = np.random.default_rng(seed)
-        experts = np.repeat(np.arange(len(per_expert)), per_expert)
+        # grouped by cluster (merged clusters: their experts one after the other), in the
+        # order of each cluster's first expert
+        order = _experts_by_cluster(self.cluster_names_)
+        experts = np.repeat(order, per_expert[order])
         batches = self._draw_batches(experts, batch, rng)
         libraries = self._draw_libraries(experts, batches, rng)
         starts = None
@@ -164,13 +171,23 @@ class GenerateMixin:
 
         obs = self._generated_obs(experts, batches, libraries)
         names = np.asarray(self.cluster_names_, dtype=object)
+        batches_known = self._batch_categories() is not None
+        made = [str(c) for c in dict.fromkeys(names[order]) if per_cluster.get(str(c), 0) > 0]
         record = {
-            "clusters": [str(names[k]) for k in np.flatnonzero(per_expert)],
-            "n_cells": per_expert[per_expert > 0].astype(np.int64),
-            "proportions": proportions if isinstance(proportions, str) else "given",
+            "clusters": made,
+            "n_cells": np.array([per_cluster[c] for c in made], dtype=np.int64),
+            # "n_cells": exact numbers per cluster; "given": weights per cluster
+            "proportions": (
+                "n_cells"
+                if isinstance(n_cells, Mapping)
+                else proportions
+                if isinstance(proportions, str)
+                else "given"
+            ),
             "temperature": float(temperature),
             "latent": _used_latent(cells, loc),
-            "batch": "drawn" if batch is None else str(batch),
+            # "drawn": from each cluster's cells per batch; "none": no batch covariate
+            "batch": str(batch) if batch is not None else "drawn" if batches_known else "none",
             "seed": -1 if seed is None else int(seed),
             "chunk_size": int(chunk_size),
             "likelihood": module.likelihood,
@@ -324,7 +341,8 @@ class GenerateMixin:
         n_cells: int | Mapping[str, int],
         clusters: Sequence[str] | None,
         proportions: str | Mapping[str, float] = "training",
-    ) -> np.ndarray:
+    ) -> tuple[dict[str, int], np.ndarray]:
+        """Cells per cluster name and per expert (a merged cluster split over its experts)."""
         per_cluster, experts, usage = self._cells_per_cluster(n_cells, clusters, proportions)
         per_expert = np.zeros(len(experts), dtype=np.int64)
         for name, n in per_cluster.items():
@@ -332,7 +350,7 @@ class GenerateMixin:
             # merged clusters (merge_clusters): split over their experts by training cells
             weights = usage[members] if usage[members].sum() > 0 else np.ones(len(members))
             per_expert[members] = _largest_remainder(n, weights)
-        return per_expert
+        return per_cluster, per_expert
 
     def _cells_per_cluster(
         self,
@@ -421,6 +439,13 @@ class GenerateMixin:
         slot = np.where(np.isnan(quantiles[experts, batches, 0]), quantiles.shape[1] - 1, batches)
         log_lib = quantiles[experts, slot, lo] * (1 - frac) + quantiles[experts, slot, hi] * frac
         return np.exp(log_lib)
+
+
+def _experts_by_cluster(cluster_names) -> np.ndarray:
+    """Expert indices grouped by cluster name, clusters in the order of their first expert."""
+    names = np.asarray(cluster_names, dtype=object)
+    first = {n: k for k, n in reversed(list(enumerate(names)))}
+    return np.array(sorted(range(len(names)), key=lambda k: (first[names[k]], k)), dtype=np.int64)
 
 
 def _used_latent(cells, loc) -> str:
@@ -548,21 +573,26 @@ class _H5adWriter:
     def __init__(self, filename: Path, obs, var, record, kind, store_mean):
         self.filename, self.kind = filename, kind
         n, g = len(obs), len(var)
-        skeleton = AnnData(obs=obs, var=var)
-        skeleton.uns["moesim_generate"] = record
-        skeleton.write_h5ad(filename)
-        self.file = h5py.File(filename, "a")
-        self.pos = 0
-        self.n, self.g = n, g
-        self.x = None
-        rows = max(1, min(n, 1024))
-        if kind == "dense":
-            self.x = _dense_dataset(self.file, "X", (n, g), rows)
-        elif n == 0:
-            anndata.io.write_elem(self.file, "X", sparse.csr_matrix((0, g), dtype=np.int32))
-        self.mean = (
-            _dense_dataset(self.file["layers"], "mean", (n, g), rows) if store_mean else None
-        )
+        self.file = None
+        try:
+            skeleton = AnnData(obs=obs, var=var)
+            skeleton.uns["moesim_generate"] = record
+            skeleton.write_h5ad(filename)
+            self.file = h5py.File(filename, "a")
+            self.pos = 0
+            self.n, self.g = n, g
+            self.x = None
+            rows = max(1, min(n, 1024))
+            if kind == "dense":
+                self.x = _dense_dataset(self.file, "X", (n, g), rows)
+            elif n == 0:
+                anndata.io.write_elem(self.file, "X", sparse.csr_matrix((0, g), dtype=np.int32))
+            self.mean = (
+                _dense_dataset(self.file["layers"], "mean", (n, g), rows) if store_mean else None
+            )
+        except BaseException:
+            self.abort()
+            raise
 
     def add(self, chunk: dict) -> None:
         """Append one chunk to the file."""
@@ -590,13 +620,17 @@ class _H5adWriter:
 
     def abort(self) -> None:
         """Close and remove the partly written file."""
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         self.filename.unlink(missing_ok=True)
 
 
 def _dense_dataset(group, name: str, shape: tuple[int, int], rows: int):
     """An anndata-readable dense float32 array, filled chunk by chunk."""
-    ds = group.create_dataset(name, shape=shape, dtype=np.float32, chunks=(rows, shape[1]))
+    # h5py refuses chunks larger than the data: an empty array (no cells, or no genes) is
+    # stored contiguous
+    chunks = (rows, shape[1]) if min(shape) > 0 else None
+    ds = group.create_dataset(name, shape=shape, dtype=np.float32, chunks=chunks)
     ds.attrs["encoding-type"] = "array"
     ds.attrs["encoding-version"] = "0.2.0"
     return ds
