@@ -396,6 +396,34 @@ def test_train_warns_when_no_step_ran(adata):
         model.train(max_epochs=1, limit_train_batches=0, enable_progress_bar=False)
 
 
+def test_train_without_scvi_tools_logger_counts_as_trained(adata, tmp_path):
+    """``model.history`` stays empty with ``logger=False`` or a Lightning logger of the user's:
+    the steps that ran still make a trained model, named and summarised afresh."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    MoESim.setup_anndata(adata, layer="counts", labels_key="ct")
+    model = MoESim(adata, n_experts=4, n_latent=4)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model.train(max_epochs=2, batch_size=32, logger=False, enable_progress_bar=False)
+    assert not _no_step_warnings(record)
+    assert model.is_trained_
+    after = model.module.state_dict()
+    assert not all(torch.equal(v, after[k]) for k, v in before.items())
+    assert {"a", "b", "c"} & set(model.cluster_names_)  # named after the label classes
+    assert model.get_latent_representation().shape == (adata.n_obs, 4)
+    # a further training with the user's logger refreshes the summary of the training cells
+    model.expert_usage_ = np.zeros_like(model.expert_usage_)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model.train(
+            max_epochs=1, batch_size=32, logger=CSVLogger(tmp_path), enable_progress_bar=False
+        )
+    assert not _no_step_warnings(record)
+    assert model.expert_usage_.sum() == adata.n_obs
+
+
 @pytest.mark.parametrize(
     ("devices", "num_nodes", "expected"),
     [

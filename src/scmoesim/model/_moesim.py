@@ -557,11 +557,10 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             )
             self.module.eval()
             self.is_trained_ = True
-        if (
-            not flag.interrupted
-            and fit_kwargs["max_epochs"] != 0
-            and _history_rows(self.history_) == rows
-        ):
+        # a step ran: counted by the flag in this process (any logger, or none), or logged
+        # (ddp_spawn trains in other processes; the history comes back, the flag does not)
+        stepped = flag.steps > 0 or _history_rows(self.history_) > rows
+        if not flag.interrupted and fit_kwargs["max_epochs"] != 0 and not stepped:
             # a model that was untrained stays untrained, so the next call starts a fresh history
             # (scvi-tools only extends the metrics a trained model already has)
             self.is_trained_ = was_trained

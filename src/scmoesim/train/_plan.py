@@ -19,15 +19,21 @@ def _check_integer(name: str, value, minimum: int) -> None:
 
 
 class InterruptFlag(Callback):
-    """Remembers whether training stopped on a user interrupt (Ctrl-C / KeyboardInterrupt).
+    """Remembers whether training stopped on a user interrupt, and how many steps ran.
 
     Lightning shuts down gracefully on a KeyboardInterrupt and then raises ``SystemExit``;
     :meth:`scmoesim.MoESim.train` uses this flag to keep the model instead of exiting.
+    ``steps`` counts the training minibatches, whichever logger (or none) the trainer has:
+    ``model.history`` stays empty with ``logger=False`` or a logger of the user's.
     """
 
     def __init__(self):
         self.interrupted = False
         self.epochs_done = 0
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        self.steps += 1
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
         self.epochs_done = trainer.current_epoch + 1
