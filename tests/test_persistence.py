@@ -149,6 +149,36 @@ def test_load_missing_model(tmp_path):
         MoESim.load(tmp_path / "empty")
 
 
+def test_load_without_adata_needs_a_stored_anndata(trained):
+    _, _, path = trained  # saved with save_anndata=False, the default
+    with pytest.raises(ValueError, match=r"saved without its AnnData .*adata=\.\.\."):
+        MoESim.load(path)
+
+
+def test_load_onto_a_query_without_labels(small, tmp_path):
+    """The usual reference-to-query step: the query has no labels column, or only unknowns."""
+    reference = small.copy()
+    scvi.settings.seed = 0
+    MoESim.setup_anndata(reference, labels_key="bulk_labels")
+    model = MoESim(reference, likelihood="normal", n_experts=len(set(small.obs["bulk_labels"])))
+    model.train(max_epochs=1, **FAST)
+    model.save(tmp_path / "m")
+    expected = model.predict(small[:40].copy())
+    no_column = small[:40].copy()
+    del no_column.obs["bulk_labels"]
+    unknown = small[:40].copy()
+    unknown.obs["bulk_labels"] = "unknown"
+    for query in (no_column, unknown):
+        columns = list(query.obs)
+        loaded = MoESim.load(tmp_path / "m", adata=query)
+        assert (loaded.adata_manager.get_from_registry("labels").ravel() == -1).all()
+        np.testing.assert_array_equal(np.asarray(loaded.predict()), np.asarray(expected))
+        assert [c for c in query.obs if not c.startswith("_scvi")] == columns
+    # a new setup (not a load) still needs labels
+    with pytest.raises(KeyError, match="labels_key 'bulk_labels' not found"):
+        MoESim.setup_anndata(no_column, labels_key="bulk_labels")
+
+
 # ---------------------------------------------------------------- mapping new data
 def _query_problems():
     def nan(a):

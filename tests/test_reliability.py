@@ -115,6 +115,18 @@ SETUP_ERRORS = {
         ValueError,
         r"adata.obsm\['X_pca'\] contains NaN",
     ),
+    "sparse-embedding": (
+        lambda a: a.obsm.__setitem__("X_pca", sparse.csr_matrix(a.obsm["X_pca"])),
+        {"embedding_key": "X_pca"},
+        TypeError,
+        r"adata.obsm\['X_pca'\] is a sparse matrix; the kNN similarity needs a dense",
+    ),
+    "nan-batch": (
+        lambda a: a.obs.__setitem__("batch", a.obs["batch"].astype(object).where(a.obs.score > 0)),
+        {"batch_key": "batch"},
+        ValueError,
+        r"adata.obs\['batch'\] has \d+ missing value\(s\) \(NaN\)",
+    ),
     "labels-all-unlabeled": (
         _labels(["unknown"] * N_CELLS),
         {"labels_key": "lab"},

@@ -187,6 +187,13 @@ def check_before_load(
             f"{os.fspath(dir_path)!r} holds a {saved['model_name']} model, not a {cls.__name__}."
         )
     check_versions(saved["saved_with"], dir_path)
+    stored = Path(dir_path) / f"{prefix or ''}adata.h5ad"
+    if adata is None and not stored.exists():
+        raise ValueError(
+            f"{os.fspath(dir_path)!r} was saved without its AnnData (save(save_anndata=False), "
+            "the default): pass the data to load onto, with the model's genes, as "
+            "MoESim.load(dir_path, adata=...)."
+        )
     if adata is not None and adata is not False and saved["var_names"] is not None:
         check_same_genes(
             pd.Index(saved["var_names"]), adata.var_names, "The AnnData passed to load"

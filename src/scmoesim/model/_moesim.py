@@ -357,8 +357,11 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         V.check_adata_basics(adata, layer)
         V.warn_all_zero(adata, layer)
         V.check_obs_key(adata, batch_key, "batch_key")
-        V.check_obs_key(adata, labels_key, "labels_key")
-        if labels_key is not None:
+        V.check_batch_values(adata, batch_key)
+        # MoESim.load sets up a query against the saved registry: a query may have no labels
+        # (the column missing or every cell unlabelled; all its cells are then unknown)
+        if labels_key is not None and "source_registry" not in kwargs:
+            V.check_obs_key(adata, labels_key, "labels_key")
             V.check_labels(adata, labels_key, unlabeled_category)
         V.check_embedding(adata, embedding_key)
         if signatures is not None:

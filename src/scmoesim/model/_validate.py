@@ -115,6 +115,18 @@ def check_obs_key(adata: AnnData, key: str | None, what: str) -> None:
         raise KeyError(f"{what} {key!r} not found in adata.obs (columns: {list(adata.obs)}).")
 
 
+def check_batch_values(adata: AnnData, batch_key: str | None) -> None:
+    """Every cell needs a batch (scvi-tools' own error on NaN names no missing value)."""
+    if batch_key is None:
+        return
+    missing = int(adata.obs[batch_key].isna().sum())
+    if missing:
+        raise ValueError(
+            f"adata.obs[{batch_key!r}] has {missing} missing value(s) (NaN); batch_key needs a "
+            "batch for every cell: fill them (e.g. with 'unknown') or drop those cells."
+        )
+
+
 def check_labels(adata: AnnData, labels_key: str, unlabeled_category) -> None:
     """Labels must have at least one labelled cell."""
     col = adata.obs[labels_key]
@@ -142,6 +154,11 @@ def check_embedding(adata: AnnData, key: str | None) -> None:
     if key not in adata.obsm:
         raise KeyError(f"embedding_key {key!r} not found in adata.obsm (keys: {list(adata.obsm)}).")
     emb = adata.obsm[key]
+    if sparse.issparse(emb):
+        raise TypeError(
+            f"adata.obsm[{key!r}] is a sparse matrix; the kNN similarity needs a dense "
+            f"embedding: adata.obsm[{key!r}] = adata.obsm[{key!r}].toarray()."
+        )
     emb = emb.to_numpy() if isinstance(emb, pd.DataFrame) else np.asarray(emb)
     if emb.ndim != 2 or emb.shape[1] == 0:
         raise ValueError(f"adata.obsm[{key!r}] must be a 2-D array with at least one column.")
