@@ -167,6 +167,17 @@ def test_mixed_type_labels_are_accepted():
     assert contingency(true, pred).to_numpy().sum() == 4
 
 
+def test_list_labels_score_as_a_series_of_them():
+    """numpy would make 1 and "1" one class; a Series (and now a list) keeps them apart."""
+    true, pred = [1, 1, "1", "1"], [0, 0, 1, 1]
+    assert ari(true, pred) == ari(pd.Series(true, dtype=object), pred) == pytest.approx(1.0)
+    assert nmi(tuple(true), pred) == pytest.approx(1.0)
+    # a column read with .tolist() keeps its missing labels missing
+    column = pd.Series(pd.Categorical(["T", "T", "B", None]))
+    with pytest.raises(ValueError, match="labels_true contains missing values"):
+        hungarian_f1(column.tolist(), [0, 0, 1, 2])
+
+
 def test_series_with_non_default_index_is_not_aligned():
     true = pd.Series(["a", "a", "b"], index=[10, 11, 12])
     pred = pd.Series([0, 0, 1], index=[2, 1, 0])
@@ -227,6 +238,7 @@ def test_not_one_dimensional():
     [
         [0.0, np.nan, 1.0],
         ["a", None, "b"],
+        ["a", np.nan, "b"],  # numpy alone would make it the class 'nan'
         pd.Categorical(["a", None, "b"]),
         pd.Series(["a", pd.NA, "b"]),
     ],

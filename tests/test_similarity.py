@@ -59,6 +59,24 @@ def test_knn_distance_threshold_and_cap():
     assert s.sum() == 6
 
 
+def test_euclidean_distances_exact_far_from_the_origin():
+    """UMAP coordinates sit near 10: cdist's float32 matmul shortcut gave duplicates ~5e-3
+    apart and cells 2e-3 apart a distance of 0, so a threshold misjudged both."""
+    rng = np.random.default_rng(0)
+    e = (10 + rng.normal(size=(64, 2))).astype(np.float32)
+    e[3] = e[2] + np.float32([2e-3, 0.0])
+    x = torch.tensor(np.vstack([e, e[:16]]))  # rows 64.. duplicate rows 0..15
+    d = pairwise_distances(x)
+    ref = np.sqrt(((x.double()[:, None] - x.double()[None]) ** 2).sum(-1)).numpy()
+    np.testing.assert_allclose(d.numpy(), ref, atol=1e-5)
+    s, _ = knn_similarity(x, distance_threshold=1e-3)
+    assert all(s[i, 64 + i] == 1 for i in range(16))
+    assert s[2, 3] == 0
+    # the k nearest: each duplicate finds its twin first
+    s, _ = knn_similarity(x, n_neighbors=1)
+    assert all(s[64 + i, i] == 1 for i in range(16))
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     st.integers(2, 25),

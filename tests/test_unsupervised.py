@@ -90,6 +90,10 @@ def test_umap_embedding_errors():
     assert "X_umap" not in adata.obsm
     with pytest.raises(ValueError, match="n_neighbors"):
         scmoesim.pp.neighbors(adata, n_neighbors=1)
+    # the metric is recorded where sc.tl.umap reads it (scanpy wrote "euclidean")
+    points = ad.AnnData(np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32))
+    scmoesim.pp.neighbors(points, n_neighbors=5, use_rep="X", metric="canberra")
+    assert points.uns["neighbors"]["params"]["metric"] == "canberra"
     with pytest.raises(TypeError, match="AnnData"):
         scmoesim.pp.neighbors(np.zeros((5, 2)))
 

@@ -58,6 +58,11 @@ def _as_label_series(labels: Any, name: str) -> pd.Series:
             ) from err
         if arr.ndim != 1:
             raise ValueError(f"{name} must be 1-D, got an array with shape {arr.shape}")
+        if arr.dtype.kind in "USO" and not isinstance(labels, np.ndarray):
+            # numpy makes ["T", nan] ['T', 'nan'] (a class, not a missing label) and [1, "1"]
+            # one class: keep each label as given, as a Series of the same values would
+            arr = np.empty(len(arr), dtype=object)
+            arr[:] = list(labels)
         series = pd.Series(arr, copy=False)
     return series
 

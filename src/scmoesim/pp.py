@@ -89,7 +89,11 @@ def neighbors(
         transformer=transformer,
         key_added=key_added,
     )
-    dist_key = target.uns["neighbors" if key_added is None else key_added]["distances_key"]
+    params = target.uns["neighbors" if key_added is None else key_added]
+    # scanpy records "euclidean" for a transformer instance; sc.tl.umap reads the metric here
+    if isinstance(metric, str):
+        params["params"]["metric"] = metric
+    dist_key = params["distances_key"]
     target.obsp[dist_key] = _drop_self_and_extra(target.obsp[dist_key], n_neighbors - 1)
     return target if copy else None
 

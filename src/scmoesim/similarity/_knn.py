@@ -23,7 +23,10 @@ def pairwise_distances(
     ``(n, n)`` distances.
     """
     if metric == "euclidean":
-        return torch.cdist(x, x)
+        # cdist's matmul shortcut (above 25 rows) loses the distances of close cells far from
+        # the origin in float32 (UMAP coordinates near 10: errors of ~5e-3, duplicates not at
+        # 0), which a distance_threshold then misjudges
+        return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
     if metric in ("correlation", "cosine"):
         y = x - x.mean(dim=1, keepdim=True) if metric == "correlation" else x
         y = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -47,8 +50,10 @@ def nearest_neighbors(embedding: torch.Tensor, k: int, metric: str = "euclidean"
     root are dropped): one matmul, no ``cdist``. ``k`` must be in ``[1, n - 1]``.
     """
     if metric == "euclidean":
-        sq = (embedding * embedding).sum(1)
-        d = torch.addmm(sq[None, :], embedding, embedding.T, alpha=-2.0)
+        # centred first: the expansion loses precision for points far from the origin
+        centred = embedding - embedding.mean(0, keepdim=True)
+        sq = (centred * centred).sum(1)
+        d = torch.addmm(sq[None, :], centred, centred.T, alpha=-2.0)
     else:
         d = pairwise_distances(embedding, metric)
     d.fill_diagonal_(float("inf"))
