@@ -330,6 +330,53 @@ TRAIN_ERRORS = {
         ValueError,
         "n_epochs_similarity_warmup must be a non-negative integer, got -1",
     ),
+    # values scvi-tools or Lightning would only refuse once training had begun
+    "scheduler-metric-typo": (
+        {"plan_kwargs": {"reduce_lr_on_plateau": True, "lr_scheduler_metric": "elbo_validaton"}},
+        ValueError,
+        r"lr_scheduler_metric must be a logged validation metric, .*'similarity_loss_validation'",
+    ),
+    "negative-lr": ({"lr": -1.0}, ValueError, "lr must be a positive finite number, got -1.0"),
+    "nan-lr-in-plan": (
+        {"plan_kwargs": {"lr": float("nan")}},
+        ValueError,
+        "lr must be a positive finite number, got nan",
+    ),
+    "negative-weight-decay": (
+        {"plan_kwargs": {"weight_decay": -1}},
+        ValueError,
+        "weight_decay must be a non-negative finite number",
+    ),
+    "optimizer-lowercase": (
+        {"plan_kwargs": {"optimizer": "adam"}},
+        ValueError,
+        r"optimizer must be one of \['Adam', 'AdamW', 'Custom'\], got 'adam'",
+    ),
+    "custom-optimizer-without-creator": (
+        {"plan_kwargs": {"optimizer": "Custom"}},
+        ValueError,
+        "optimizer='Custom' needs an optimizer_creator",
+    ),
+    "kl-warmup-negative": (
+        {"plan_kwargs": {"n_epochs_kl_warmup": -3}},
+        ValueError,
+        "n_epochs_kl_warmup must be a non-negative integer, got -3",
+    ),
+    "kl-warmup-string": (
+        {"plan_kwargs": {"n_epochs_kl_warmup": "2"}},
+        ValueError,
+        "n_epochs_kl_warmup must be a non-negative integer, got '2'",
+    ),
+    "no-logging": (
+        {"plan_kwargs": {"on_step": False, "on_epoch": False}},
+        ValueError,
+        "would log no loss at all",
+    ),
+    "mixed-precision": (
+        {"precision": "bf16-mixed"},
+        ValueError,
+        r"precision='bf16-mixed' is not supported",
+    ),
     "similarity-warmup-fraction": (
         {"plan_kwargs": {"n_epochs_similarity_warmup": 0.25}},
         ValueError,

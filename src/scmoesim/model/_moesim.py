@@ -17,6 +17,7 @@ from scmoesim.train import (
     MoESimTrainingPlan,
     PeriodicCheckpoint,
     check_checkpoint_fits,
+    check_plan_values,
     resolve_checkpoint,
 )
 
@@ -493,6 +494,12 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             raise TypeError(
                 f"Unknown plan_kwargs {unknown}; valid names: "
                 f"{sorted(MoESimTrainingPlan.valid_kwargs())}."
+            )
+        check_plan_values({"lr": lr, **plan_kwargs})
+        if str(trainer_kwargs.get("precision", 32)) not in ("32", "32-true"):
+            raise ValueError(
+                f"precision={trainer_kwargs['precision']!r} is not supported: the grouped "
+                "experts and the pair loss compute in float32; leave precision at its default."
             )
         if not isinstance(batch_size, int) or batch_size < 2:
             raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}.")

@@ -1,7 +1,7 @@
 """Training plan: the EM update of the cluster centres and the loss weights during training."""
 
 from ._checkpoint import PeriodicCheckpoint, check_checkpoint_fits, resolve_checkpoint
-from ._plan import InterruptFlag, MoESimTrainingPlan
+from ._plan import InterruptFlag, MoESimTrainingPlan, check_plan_values
 from ._split import split_experts
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "MoESimTrainingPlan",
     "PeriodicCheckpoint",
     "check_checkpoint_fits",
+    "check_plan_values",
     "resolve_checkpoint",
     "split_experts",
 ]

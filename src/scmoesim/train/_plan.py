@@ -1,4 +1,7 @@
 import inspect
+import math
+import numbers
+import typing
 
 import torch
 import torch.distributed as dist
@@ -16,6 +19,83 @@ def _check_integer(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = {0: "a non-negative integer", 1: "a positive integer"}[minimum]
         raise ValueError(f"{name} must be {kind}, got {value!r}.")
+
+
+#: Loss terms the module logs besides scvi-tools' ELBO metrics (``{term}_{train|validation}``).
+LOGGED_TERMS = (
+    "kl_divergence",
+    "similarity_loss",
+    "depict_loss",
+    "anchor_loss",
+    "clustering_loss",
+    "known_pair_fraction",
+)
+
+
+def _literal_values(name: str, fallback: tuple[str, ...]) -> tuple[str, ...]:
+    """The values of a ``Literal`` annotation of scvi-tools' ``TrainingPlan`` argument."""
+    annotation = inspect.signature(TrainingPlan.__init__).parameters[name].annotation
+    values = typing.get_args(annotation)
+    return values if values and all(isinstance(v, str) for v in values) else fallback
+
+
+def check_plan_values(kwargs: dict) -> None:
+    """Refuse values that scvi-tools or Lightning would only reject after training started.
+
+    Names are checked by :meth:`MoESimTrainingPlan.valid_kwargs`; this checks the values a
+    typo gets wrong: without it, a misspelt ``lr_scheduler_metric`` fails at the end of the
+    first epoch (the weights already changed), a negative ``lr`` inside the first step.
+    """
+    for name in ("lr", "eps"):
+        if name in kwargs:
+            _check_number(name, kwargs[name], positive=True)
+    for name in ("weight_decay", "lr_min", "lr_threshold", "max_kl_weight", "min_kl_weight"):
+        if name in kwargs:
+            _check_number(name, kwargs[name], positive=False)
+    if "lr_factor" in kwargs:
+        _check_number("lr_factor", kwargs["lr_factor"], positive=True)
+        if not kwargs["lr_factor"] < 1:
+            raise ValueError(f"lr_factor must be below 1, got {kwargs['lr_factor']!r}.")
+    for name in ("n_epochs_kl_warmup", "n_steps_kl_warmup"):
+        if kwargs.get(name) is not None:
+            _check_integer(name, kwargs[name], 0)
+    if "lr_patience" in kwargs:
+        _check_integer("lr_patience", kwargs["lr_patience"], 0)
+    optimizers = _literal_values("optimizer", ("Adam", "AdamW", "Custom"))
+    if "optimizer" in kwargs and kwargs["optimizer"] not in optimizers:
+        raise ValueError(
+            f"optimizer must be one of {list(optimizers)}, got {kwargs['optimizer']!r}."
+        )
+    if kwargs.get("optimizer") == "Custom" and kwargs.get("optimizer_creator") is None:
+        raise ValueError("optimizer='Custom' needs an optimizer_creator.")
+    metrics = (
+        *_literal_values(
+            "lr_scheduler_metric",
+            ("elbo_validation", "reconstruction_loss_validation", "kl_local_validation"),
+        ),
+        *(f"{term}_validation" for term in LOGGED_TERMS),
+    )
+    if "lr_scheduler_metric" in kwargs and kwargs["lr_scheduler_metric"] not in metrics:
+        raise ValueError(
+            f"lr_scheduler_metric must be a logged validation metric, one of {list(metrics)}; "
+            f"got {kwargs['lr_scheduler_metric']!r}."
+        )
+    if kwargs.get("on_step") is False and kwargs.get("on_epoch", True) is False:
+        raise ValueError(
+            "on_step=False and on_epoch=False would log no loss at all; keep one of them True."
+        )
+
+
+def _check_number(name: str, value, positive: bool) -> None:
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    )
+    if not ok:
+        kind = "a positive" if positive else "a non-negative"
+        raise ValueError(f"{name} must be {kind} finite number, got {value!r}.")
 
 
 class InterruptFlag(Callback):
