@@ -89,6 +89,46 @@ def test_similarity_bce_collapse_is_penalised():
     assert similarity_bce(collapsed, s, mask)[0] > 10 * similarity_bce(separated, s, mask)[0]
 
 
+def test_similarity_bce_resolution_zero_is_the_printed_half():
+    """r = 0 keeps only -S log(PP^T), averaged over the known similar pairs: the collapse the
+    full BCE penalises costs nothing."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(6, 3, generator=g), -1).requires_grad_()
+    s = (torch.rand(6, 6, generator=g) > 0.5).float()
+    s = torch.maximum(s, s.T)
+    mask = ~torch.eye(6, dtype=torch.bool)
+    loss, _ = similarity_bce(p, s, mask, resolution=0.0)
+    pp = (p @ p.T).clamp(1e-7, 1 - 1e-7)
+    known_similar = mask & (s > 0)
+    expected = -torch.log(pp[known_similar]).mean()
+    torch.testing.assert_close(loss, expected)
+    (g_loss,) = torch.autograd.grad(loss, p)
+    (g_ref,) = torch.autograd.grad(expected, p)
+    torch.testing.assert_close(g_loss, g_ref)
+    collapsed = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    off = torch.tensor([[False, True], [True, False]])
+    assert similarity_bce(collapsed, torch.ones(2, 2), off, resolution=0.0)[0] < 1e-6
+
+
+def test_model_offers_the_printed_half_of_eq7():
+    import anndata as ad
+    import numpy as np
+
+    from scmoesim import MoESim
+
+    adata = ad.AnnData(np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32))
+    adata.obsm["X_emb"] = adata.X.copy()
+    MoESim.setup_anndata(adata, embedding_key="X_emb")
+    model = MoESim(adata, likelihood="normal", similarity_resolution="half")
+    assert model.module.similarity_resolution == 0.0
+    assert (
+        MoESim(
+            adata, likelihood="normal", similarity_resolution="paper"
+        ).module.similarity_resolution
+        is None
+    )
+
+
 def test_similarity_bce_resolution_weighs_dissimilar_pairs():
     # 3 cells: pair (0, 1) similar, (0, 2) and (1, 2) dissimilar; both directions known
     p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.5, 0.5]])

@@ -279,7 +279,7 @@ INIT_ERRORS = {
             None,
             {"layer": "counts", "embedding_key": "X_pca"},
             {"similarity_resolution": value},
-            rf"similarity_resolution must be a positive number or 'paper', got {value!r}",
+            rf"similarity_resolution must be a positive number, 'paper' or 'half', got {value!r}",
         )
         for value in (0.0, -1.0, float("nan"), float("inf"), True, "leiden")
     },

@@ -92,8 +92,11 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         of their pairs called similar is above about ``r`` times the minibatch's overall share,
         the criterion of Leiden's constant Potts model; like Leiden's ``resolution``, larger
         gives more and smaller clusters (:func:`~scmoesim.module.similarity_bce`).
-        ``"paper"``: every pair weighs 1 (Eq. 7 as published); with the kNN similarity the
-        clusters then hold about ``2 * knn_neighbors`` cells per minibatch whatever the data.
+        ``"paper"``: every pair weighs 1, the paper's pair weights in the full cross-entropy;
+        with the kNN similarity the clusters then hold about ``2 * knn_neighbors`` cells per
+        minibatch whatever the data. ``"half"``: Eq. 7 as printed, only the
+        ``S log(PP^T)`` half (dissimilar pairs weigh 0); nothing then keeps cells apart and
+        they collapse onto one expert: offered to compare with the paper, not to use.
         ``None`` (default) picks 4.0 when the kNN or graph similarity is the only source and
         ``"paper"`` when labels or signatures are registered (their pairs are right by
         construction). Measured in ``benchmarks/results_resolution.md``.
@@ -166,7 +169,7 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         kl: K.KLKind = "mixture",
         kl_weight: float | None = None,
         clustering_weight: float | None = None,
-        similarity_resolution: float | Literal["paper"] | None = None,
+        similarity_resolution: float | Literal["paper", "half"] | None = None,
         depict_weight: float = 0.0,
         anchor_weight: float = 1.0,
         knn_neighbors: int = 10,
@@ -267,7 +270,11 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             kl_weight=kl_weight,
             clustering_weight=clustering_weight,
             similarity_resolution=(
-                None if similarity_resolution == "paper" else float(similarity_resolution)
+                None
+                if similarity_resolution == "paper"
+                else 0.0
+                if similarity_resolution == "half"
+                else float(similarity_resolution)
             ),
             depict_weight=depict_weight,
             anchor_weight=anchor_weight,

@@ -207,12 +207,12 @@ def warn_all_zero(adata: AnnData, layer: str | None) -> None:
 
 
 def check_resolution(value) -> None:
-    """``similarity_resolution`` is ``"paper"`` or a positive finite number."""
-    if isinstance(value, str) and value == "paper":
+    """``similarity_resolution`` is ``"paper"``, ``"half"`` or a positive finite number."""
+    if isinstance(value, str) and value in ("paper", "half"):
         return
     if not _is_number(value) or not np.isfinite(value) or value <= 0:
         raise ValueError(
-            f"similarity_resolution must be a positive number or 'paper', got {value!r}."
+            f"similarity_resolution must be a positive number, 'paper' or 'half', got {value!r}."
         )
 
 

@@ -108,10 +108,11 @@ def similarity_bce(
         ``(n, n)`` similarity (binary: 0/1 floats or booleans, as every builder in
         :mod:`scmoesim.similarity` returns) and known-pair mask.
     resolution
-        ``None`` (the paper): every known pair weighs 1. A number ``r > 0``: every known
-        dissimilar pair weighs ``r * n_similar / n_dissimilar`` (the counts of known similar and
-        dissimilar pairs of this minibatch), the similar pairs weigh 1, and the loss is the
-        weighted mean. At ``r = 1`` both kinds carry the same total weight.
+        ``None`` (the paper's weights): every known pair weighs 1. A number ``r > 0``: every
+        known dissimilar pair weighs ``r * n_similar / n_dissimilar`` (the counts of known
+        similar and dissimilar pairs of this minibatch), the similar pairs weigh 1, and the loss
+        is the weighted mean. At ``r = 1`` both kinds carry the same total weight. ``r = 0``:
+        only the ``S log(PP^T)`` half that the paper prints (the mean over the similar pairs).
 
     Returns
     -------
