@@ -899,9 +899,17 @@ def test_similarity_warmup_holds_the_clustering_loss_off(adata, warmup, epochs_o
     assert (model.history["reconstruction_loss_train"].to_numpy(dtype=float) > 0).all()
 
 
-def test_gate_does_not_train_during_the_similarity_warmup(adata):
-    MoESim.setup_anndata(adata, layer="counts", embedding_key="X_pca")
-    model = MoESim(adata, n_experts=3, n_latent=4)
+@pytest.mark.parametrize(
+    ("source", "model_kwargs"),
+    [
+        ({"embedding_key": "X_pca"}, {}),
+        # the paper's KL weighs its clusters by the gate: it must not train the gate either
+        ({"labels_key": "ct"}, {"kl": "paper", "kl_weight": 2.0}),
+    ],
+)
+def test_gate_does_not_train_during_the_similarity_warmup(adata, source, model_kwargs):
+    MoESim.setup_anndata(adata, layer="counts", **source)
+    model = MoESim(adata, n_experts=3, n_latent=4, **model_kwargs)
     gate = {k: v.clone() for k, v in model.module.state_dict().items() if k.startswith("gate")}
     encoder = {k: v.clone() for k, v in model.module.encoder.state_dict().items()}
     train = {"batch_size": 32, "enable_progress_bar": False}

@@ -34,11 +34,19 @@ def kl_paper(z: torch.Tensor, p: torch.Tensor, min_weight: float = 2.0) -> torch
     sigma_kj)``; clusters are averaged weighted by their soft size. Clusters with a soft size
     below ``min_weight`` are skipped (their variance is not estimable).
 
+    The cluster weights ``p`` are detached: the term shapes the latent space, not the gate,
+    which the similarity loss trains (and which must not train during the similarity
+    warm-up).
+
     Returns
     -------
     Scalar (per-cell average scale).
     """
+    p = p.detach()
     w = p.sum(0)  # (K,)
+    # moments about the minibatch mean: E[z^2] - E[z]^2 cancels catastrophically in float32
+    # for z far from the origin (nothing keeps it near 0 under this KL)
+    z = z - z.mean(0, keepdim=True).detach()
     mean = (p.T @ z) / w.clamp_min(_EPS)[:, None]
     second = (p.T @ z**2) / w.clamp_min(_EPS)[:, None]
     var = (second - mean**2).clamp_min(1e-4)
@@ -197,5 +205,7 @@ def anchor_loss(p: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """
     known = (codes >= 0).to(p.dtype)
     picked = p.gather(1, codes.clamp_min(0).long()[:, None]).squeeze(1)
-    nll = -torch.log(picked.clamp_min(_EPS))
+    # clamped at the smallest normal float, not 1e-7: a cell the gate puts confidently in the
+    # wrong expert (logit gap > 16) still gets a gradient back to its class
+    nll = -torch.log(picked.clamp_min(torch.finfo(p.dtype).tiny))
     return (nll * known).sum() / known.sum().clamp_min(1.0)
