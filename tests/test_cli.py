@@ -121,6 +121,47 @@ def test_fit_input_errors_are_one_line(files, capsys, extra, message):
     assert not (root / "never.h5ad").exists()
 
 
+def test_fit_checks_output_locations_before_training(files, tmp_path, capsys, monkeypatch):
+    """A file where a folder must go, or the reverse, used to fail after the training."""
+    from scmoesim import MoESim
+
+    root, _ = files
+    monkeypatch.setattr(MoESim, "train", lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    base = ["fit", str(root / "pbmc.h5ad"), "--likelihood", "normal", *FAST, "--force"]
+    cases = [
+        (["-o", str(tmp_path / "afile" / "x.h5ad")], "afile is a file"),
+        (["-o", str(tmp_path / "adir")], "adir is a folder"),
+        (["-o", str(tmp_path / "o.h5ad"), "--save-model", str(tmp_path / "afile")], "is a file"),
+    ]
+    for extra, message in cases:
+        assert cli.main([*base, *extra]) == 1
+        assert message in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_fit_interrupted_exits_130_and_writes_nothing(files, tmp_path, capsys, monkeypatch):
+    """The Python API keeps an interrupted model; the command must not write it as done."""
+    from lightning.pytorch.callbacks import Callback
+
+    from scmoesim import MoESim
+
+    class CtrlC(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            raise KeyboardInterrupt
+
+    train = MoESim.train
+    monkeypatch.setattr(MoESim, "train", lambda self, **kw: train(self, callbacks=[CtrlC()], **kw))
+    root, _ = files
+    out, model_dir = tmp_path / "int.h5ad", tmp_path / "model"
+    argv = ["fit", str(root / "pbmc.h5ad"), "-o", str(out), "--likelihood", "normal", *FAST]
+    assert cli.main([*argv, "--save-model", str(model_dir)]) == 130
+    err = capsys.readouterr().err
+    assert "error: interrupted" in err and "can be used, saved" not in err
+    assert not out.exists() and not model_dir.exists()
+
+
 def test_fit_bad_input_files(tmp_path, capsys):
     assert cli.main(["fit", str(tmp_path / "missing.h5ad"), "-o", str(tmp_path / "o.h5ad")]) == 1
     assert "does not exist" in _error_line(capsys.readouterr().err)
@@ -285,6 +326,13 @@ def test_generate_errors(files, fitted, tmp_path, capsys):
     ad.read_h5ad(root / "pbmc.h5ad")[:, :100].copy().write_h5ad(wrong)
     assert cli.main(["generate", str(model_dir), "--adata", str(wrong), *base]) == 1
     assert "cannot load the model" in _error_line(capsys.readouterr().err)
+    # a damaged model.pt (a copy cut short) is one line too, not torch's traceback
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "model.pt").write_bytes((model_dir / "model.pt").read_bytes()[:2000])
+    argv = ["generate", str(damaged), "--adata", str(root / "pbmc.h5ad"), *base]
+    assert cli.main(argv) == 1
+    assert f"cannot load the model from {damaged}" in _error_line(capsys.readouterr().err)
     assert not (tmp_path / "g.h5ad").exists()
 
 
@@ -372,6 +420,22 @@ def test_bad_option_values_exit_2(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "m", "--n-cells", "0", "-o", "g.h5ad"])
     assert "must be >= 1" in capsys.readouterr().err
+    # seeds outside numpy's range are usage errors, not tracebacks after reading the data
+    for command in (["fit", "x.h5ad", "-o", "y.h5ad"], ["demo"], ["generate", "m", "-o", "g"]):
+        for seed in ("-1", str(2**32)):
+            with pytest.raises(SystemExit) as exc:
+                cli.main([*command, "--seed", seed])
+            assert exc.value.code == 2
+            assert "--seed" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_figure_over_its_output(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert cli.main(["demo", "-o", str(out), "--epochs", "1", "--quiet"]) == 1
+    assert "the figure and the output are both" in _error_line(capsys.readouterr().err)
+    argv = ["demo", "-o", str(tmp_path / "d.h5ad"), "--figure", str(tmp_path / "d.h5ad")]
+    assert cli.main([*argv, "--quiet"]) == 1
+    assert not out.exists() and not (tmp_path / "d.h5ad").exists()
 
 
 def test_demo_writes_figure(tmp_path, capsys):

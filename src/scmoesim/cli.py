@@ -127,9 +127,43 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
-def _check_output(path: Path, force: bool, what: str = "") -> None:
+def _check_output(path: Path, force: bool, what: str = "", directory: bool = False) -> None:
+    """Before any work: the output may be written (a file, or with ``directory`` a folder)."""
     if path.exists() and not force:
         raise CLIError(f"{what}{path} exists; pass --force to overwrite it.")
+    if path.exists() and path.is_dir() != directory:
+        kind = "a file" if directory else "a folder"
+        raise CLIError(f"{what}{path} is {kind}; choose another name.")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"cannot create {what}{path}: {parent} is a file.")
+
+
+@contextmanager
+def _stop_on_interrupt() -> Iterator[None]:
+    """Make a Ctrl-C during ``model.train`` stop the command (exit 130, nothing written).
+
+    The Python API keeps a model whose training was interrupted, with a warning; a command
+    would then write a partly trained model as if it had finished.
+    """
+    interrupted = []
+    previous = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if str(message).startswith("Training interrupted"):
+            interrupted.append(True)
+            return
+        previous(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _read_h5ad(path: Path) -> AnnData:
@@ -365,7 +399,7 @@ def _fit(args: argparse.Namespace) -> int:
     model_dir = Path(args.save_model) if args.save_model else None
     _check_output(out, args.force)
     if model_dir is not None:
-        _check_output(model_dir, args.force, "model directory ")
+        _check_output(model_dir, args.force, "model directory ", directory=True)
     adata = _read_h5ad(Path(args.input))
 
     import scvi
@@ -404,13 +438,14 @@ def _fit(args: argparse.Namespace) -> int:
     print(model._model_summary_string)
     t0 = time.time()
     with _user_errors():
-        model.train(
-            max_epochs=args.epochs,
-            batch_size=args.batch_size,
-            accelerator=args.accelerator,
-            enable_progress_bar=not args.quiet,
-            n_restarts=args.restarts,
-        )
+        with _stop_on_interrupt():
+            model.train(
+                max_epochs=args.epochs,
+                batch_size=args.batch_size,
+                accelerator=args.accelerator,
+                enable_progress_bar=not args.quiet,
+                n_restarts=args.restarts,
+            )
         model.annotate(adata)
     if model.restarts_ is not None:
         print(_restarts_line(model.restarts_))
@@ -472,6 +507,8 @@ def _generate(args: argparse.Namespace) -> int:
             f"{err} A model fitted with --umap needs the output of `scmoesim fit` as --adata: "
             f"it holds obsm['{_UMAP_KEY}']."
         ) from err
+    except Exception as err:  # a damaged model.pt: torch's zip reader, pickle, ...
+        raise CLIError(f"cannot load the model from {model_dir}: {_one_line(err)}") from err
     with _user_errors():
         generated = model.generate(
             args.n_cells,
@@ -503,6 +540,8 @@ def _demo(args: argparse.Namespace) -> int:
     figure = Path(args.figure) if args.figure else out.with_suffix(".png")
     _check_output(out, args.force)
     if not args.no_figure:
+        if figure.resolve() == out.resolve():
+            raise CLIError(f"the figure and the output are both {out}; give another --figure.")
         _check_output(figure, args.force)
     scvi.settings.seed = args.seed
     adata = datasets.pbmc68k_reduced()
@@ -513,7 +552,8 @@ def _demo(args: argparse.Namespace) -> int:
     MoESim.setup_anndata(adata, signatures=datasets.PBMC_SIGNATURES)
     model = MoESim(adata, likelihood="normal")
     t0 = time.time()
-    model.train(max_epochs=args.epochs, enable_progress_bar=not args.quiet)
+    with _stop_on_interrupt():
+        model.train(max_epochs=args.epochs, enable_progress_bar=not args.quiet)
     model.annotate(adata)
     truth = adata.obs["bulk_labels"].astype(str)
     pred = adata.obs["moesim_cluster"].astype(str)
@@ -538,7 +578,7 @@ def _demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # parser
 # ---------------------------------------------------------------------------------------------
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -546,9 +586,15 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     return parse
+
+
+#: Seeds numpy accepts (scvi.settings.seed seeds numpy's legacy generator too).
+_seed = _int_at_least(0, 2**32 - 1)
 
 
 def _non_negative_float(text: str) -> float:
@@ -697,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train N initialisations and keep the one with the lowest similarity loss "
         "(costs N trainings; default: 1)",
     )
-    mdl.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    mdl.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     fit.add_argument(
         "--save-model",
         default=None,
@@ -756,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--batch", default=None, help="batch category to decode with (with a batch key)"
     )
-    gen.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    gen.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     gen.add_argument(
         "--accelerator", default="auto", help="device to load the model on (default: auto)"
     )
@@ -784,7 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--epochs", type=_int_at_least(1), default=None, help="training epochs (default: auto)"
     )
-    demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.add_argument("--seed", type=_seed, default=0, help="random seed")
     demo.add_argument("--force", action="store_true", help="overwrite the outputs")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
