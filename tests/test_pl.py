@@ -253,11 +253,35 @@ def test_counts_are_log_normalised_before_pca():
     rng = np.random.default_rng(0)
     counts = rng.poisson(3, size=(20, 8)).astype(np.float32)
     ref = ad.AnnData(counts.copy())
-    sc.pp.normalize_total(ref)
+    sc.pp.normalize_total(ref)  # to the median total: the real cells' own depth
     sc.pp.log1p(ref)
-    np.testing.assert_allclose(_prepare(counts), ref.X, rtol=1e-5)
+    x_real, x_gen = _prepare(counts, counts[:5])
+    np.testing.assert_allclose(x_real, ref.X, rtol=1e-5)
+    np.testing.assert_allclose(x_gen, ref.X[:5], rtol=1e-5)
     logdata = np.log1p(counts) + 0.5
-    np.testing.assert_array_equal(_prepare(logdata), logdata.astype(np.float64))
+    x_real, x_gen = _prepare(logdata, logdata[:3])
+    np.testing.assert_array_equal(x_real, logdata.astype(np.float64))
+    np.testing.assert_array_equal(x_gen, logdata[:3].astype(np.float64))
+
+
+def test_real_and_generated_share_one_scale():
+    """Each set normalised to its own median put identical cells far apart when the generated
+    cells were of a deep cluster; expected counts (layers["mean"]) were left unnormalised."""
+    from scmoesim.pl._generated import _prepare
+
+    rng = np.random.default_rng(1)
+    shallow = rng.poisson(2, size=(30, 10)).astype(np.float32)
+    deep = rng.poisson(200, size=(10, 10)).astype(np.float32)
+    real = np.vstack([shallow, deep])
+    x_real, x_gen = _prepare(real, deep.copy())  # "generated": copies of the deep cells
+    np.testing.assert_allclose(x_gen, x_real[30:], rtol=1e-12)
+    mean = deep * 1.0001 + 0.3  # expected values: not integers, same scale
+    x_real, x_mean = _prepare(real, mean)
+    assert np.abs(x_mean - x_real[30:]).max() < 0.1
+    with pytest.raises(ValueError, match="different scales"):
+        _prepare(real, -np.ones((2, 10)))
+    with pytest.raises(ValueError, match="generated data contain NaN"):
+        _prepare(real, np.full((2, 10), np.nan))
 
 
 def test_show_calls_pyplot_show(trained, monkeypatch):

@@ -164,8 +164,9 @@ def shared_umap(
                 "trained on `real` (or subset real to model.adata.var_names)."
             )
         generated = generated[:, real.var_names]
-    x_real = _prepare(_matrix(real, layer, "real"))
-    x_gen = _prepare(_matrix(generated, generated_layer, "generated"))
+    x_real, x_gen = _prepare(
+        _matrix(real, layer, "real"), _matrix(generated, generated_layer, "generated")
+    )
     stacked = AnnData(np.vstack([x_real, x_gen]).astype(np.float32))
     n = stacked.n_obs
     n_comps = int(max(1, min(n_pcs, n - 1, stacked.n_vars - 1)))
@@ -196,20 +197,38 @@ def _matrix(adata: AnnData, layer: str | None, name: str):
     return adata.layers[layer]
 
 
-def _prepare(x) -> np.ndarray:
-    """Dense float matrix; log-normalised when it holds counts."""
+def _prepare(x_real, x_gen) -> tuple[np.ndarray, np.ndarray]:
+    """Dense float matrices on one scale: both log-normalised when the real cells hold counts.
+
+    Both sets are scaled to the same depth (the real cells' median total): each set
+    normalised to its own median would move generated cells of a deep (or shallow) cluster
+    away from their real cells for no reason. The generated values may be samples or
+    ``layers["mean"]`` (expected counts, not integers).
+    """
+    x_real, x_gen = (_dense(x, name) for x, name in ((x_real, "real"), (x_gen, "generated")))
+    if (x_real >= 0).all() and np.array_equal(x_real, np.round(x_real)):
+        if (x_gen < 0).any():
+            raise ValueError(
+                "The real cells hold counts but the generated values are negative: they are "
+                "on different scales (choose the generated layer that matches the real one)."
+            )
+        totals = x_real.sum(1)
+        target = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
+        x_real, x_gen = _log_normalise(x_real, target), _log_normalise(x_gen, target)
+    return x_real, x_gen
+
+
+def _dense(x, name: str) -> np.ndarray:
     x = x.toarray() if sparse.issparse(x) else np.asarray(x)
     x = x.astype(np.float64)
     if not np.isfinite(x).all():
-        raise ValueError("The data contain NaN or infinite values.")
-    if (x >= 0).all() and np.array_equal(x, np.round(x)):
-        import scanpy as sc
-
-        tmp = AnnData(x)
-        sc.pp.normalize_total(tmp)
-        sc.pp.log1p(tmp)
-        x = np.asarray(tmp.X)
+        raise ValueError(f"The {name} data contain NaN or infinite values.")
     return x
+
+
+def _log_normalise(x: np.ndarray, target: float) -> np.ndarray:
+    totals = x.sum(1, keepdims=True)
+    return np.log1p(np.divide(x * target, totals, out=np.zeros_like(x), where=totals > 0))
 
 
 def _cluster_categories(real_col, gen_col, values: np.ndarray) -> list[str]:
