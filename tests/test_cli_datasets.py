@@ -44,6 +44,10 @@ def test_shared_loaders():
     cytof = datasets.levine32()
     assert cytof.shape == (1500, 32)
     np.testing.assert_allclose(cytof.X, np.arcsinh(cytof.layers["raw"] / 5), rtol=1e-5)
+    # 0 made every value inf or NaN and a negative cofactor flipped the data, without a word
+    for bad in (0, -5.0, float("nan"), True, "5"):
+        with pytest.raises(ValueError, match="cofactor must be a positive finite number"):
+            datasets.levine32(cofactor=bad)
 
 
 def test_tabula_muris_local_csv_folder(tmp_path):
@@ -55,3 +59,10 @@ def test_tabula_muris_local_csv_folder(tmp_path):
     assert adata[["c3"], ["GeneC"]].X.toarray().item() == 5
     with pytest.raises(FileNotFoundError, match="figshare"):
         datasets.tabula_muris(tmp_path / "missing")
+    ann = tmp_path / "annotations.csv"
+    ann.write_text("cell,cell_ontology_class\nc1,B\nc2,T\nc3,H\n")
+    annotated = datasets.tabula_muris(tmp_path, ann)
+    assert annotated.obs["cell_ontology_class"].tolist() == ["B", "T", "H"]
+    ann.write_text("cell,cell_ontology_class\nc1,B\nc1,T\nc3,H\n")
+    with pytest.raises(ValueError, match=r"lists 1 cell\(s\) more than once \(e.g. \['c1'\]\)"):
+        datasets.tabula_muris(tmp_path, ann)

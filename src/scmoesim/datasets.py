@@ -108,6 +108,13 @@ def levine32(path: str | os.PathLike | None = None, cofactor: float = 5.0) -> ad
     The raw intensities are kept in ``layers["raw"]``; ``obs["population"]`` holds the gated
     populations (including ``"unassigned"``).
     """
+    if (
+        isinstance(cofactor, bool)
+        or not isinstance(cofactor, int | float | np.number)
+        or not np.isfinite(cofactor)
+        or cofactor <= 0
+    ):
+        raise ValueError(f"cofactor must be a positive finite number, got {cofactor!r}.")
     path = Path(path) if path is not None else shared_data_dir() / "levine32_cytof_subset.h5ad"
     adata = ad.read_h5ad(path)
     raw = np.asarray(adata.X, dtype=np.float32)
@@ -155,6 +162,12 @@ def tabula_muris(path: str | os.PathLike, annotations: str | os.PathLike | None 
         key = "cell" if "cell" in ann.columns else ann.columns[0]
         ann = ann.set_index(key)
         ann.index = ann.index.astype(str)
+        repeated = ann.index[ann.index.duplicated()].unique()
+        if len(repeated):
+            raise ValueError(
+                f"{annotations} lists {len(repeated)} cell(s) more than once (e.g. "
+                f"{list(repeated[:5])}); each cell needs one annotation row."
+            )
         adata.obs = adata.obs.join(ann.drop(columns=["tissue"], errors="ignore"), how="left")
     return adata
 
