@@ -78,6 +78,26 @@ def test_training_curves_one_panel_per_loss_term(trained, tmp_path):
     _assert_png(tmp_path / "curves.png")
 
 
+def test_training_curves_of_per_step_logging(trained, monkeypatch):
+    """plan_kwargs={"on_step": True} records {key}_step and {key}_epoch, not {key}."""
+    model, _ = trained
+    stepped = {}
+    for key, frame in model.history.items():
+        stepped[f"{key}_epoch"] = frame
+        stepped[f"{key}_step"] = frame.iloc[:1]
+    monkeypatch.setattr(model, "history_", stepped)
+    fig = pl.training_curves(model)
+    assert [ax.get_title() for ax in fig.axes][:3] == [
+        "reconstruction_loss",
+        "kl_divergence",
+        "similarity_loss",
+    ]
+    (line,) = fig.axes[2].get_lines()
+    expected = stepped["similarity_loss_train_epoch"].iloc[:, 0].to_numpy(dtype=float)
+    np.testing.assert_allclose(line.get_ydata(), expected)
+    plt.close(fig)
+
+
 def test_training_curves_chosen_keys_and_errors(trained, untrained):
     model, _ = trained
     fig = pl.training_curves(model, keys=["similarity_loss", "elbo_train"], ncols=1)

@@ -77,7 +77,7 @@ def training_curves(
     import matplotlib.pyplot as plt
 
     check_trained(model, "training_curves")
-    history = model.history
+    history = _epoch_history(model.history)
     keys = _resolve_keys(history, keys)
     if ncols < 1:
         raise ValueError(f"ncols must be a positive integer, got {ncols!r}.")
@@ -109,6 +109,19 @@ def training_curves(
     for ax in flat[len(keys) :]:
         ax.remove()
     return finish(fig, None, show, save)
+
+
+def _epoch_history(history: dict) -> dict:
+    """The history under its per-epoch names.
+
+    With ``plan_kwargs={"on_step": True}`` Lightning records each term twice, as
+    ``{key}_step`` and ``{key}_epoch``: the epoch series stands in for ``{key}``.
+    """
+    out = dict(history)
+    for key, frame in history.items():
+        if key.endswith("_epoch") and key.removesuffix("_epoch") not in out:
+            out[key.removesuffix("_epoch")] = frame
+    return out
 
 
 def _resolve_keys(history: dict, keys: str | Sequence[str] | None) -> list[str]:
