@@ -362,6 +362,8 @@ def test_read_signatures_formats(tmp_path):
     (tmp_path / "broken.json").write_text('{"B": [')
     with pytest.raises(cli.CLIError, match="cannot parse"):
         cli.read_signatures(tmp_path / "broken.json", genes)
+    with pytest.raises(cli.CLIError, match="is a folder; give a .json"):
+        cli.read_signatures(tmp_path, genes)
 
 
 def test_unlabeled_category_follows_column_type():

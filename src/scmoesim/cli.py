@@ -211,6 +211,8 @@ def read_signatures(path: str | Path, var_names: Sequence[str] | None = None) ->
         If the file is missing, unreadable or malformed.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"signatures file {path} is a folder; give a .json, .csv or .tsv file.")
     if not path.is_file():
         raise CLIError(f"signatures file {path} does not exist.")
     try:
