@@ -178,6 +178,27 @@ def test_similarity_images_match_model_matrices(trained, tmp_path):
     _assert_png(tmp_path / "sim.png")
 
 
+def test_similarity_blocks_are_clusters_after_a_merge(trained, monkeypatch):
+    """Experts 0 and 2 merged: one block named once, not one per expert."""
+    model, _ = trained
+    idx = np.arange(0, 120, 2)
+    experts = model.predict(indices=idx, soft=True).to_numpy().argmax(1)
+    assert {0, 2} <= set(experts.tolist())
+    names = list(model.cluster_names_)
+    merged = list(names)
+    merged[2] = names[0]
+    monkeypatch.setattr(model, "cluster_names_", merged)
+    fig = pl.similarity(model, indices=idx)
+    labels = [t.get_text() for t in fig.axes[1].get_yticklabels()]
+    assert len(labels) == len(set(labels)) == len({merged[k] for k in experts})
+    assert labels[0] == merged[0]
+    # the merged block holds the cells of both experts, on top
+    n_merged = int(np.isin(experts, [0, 2]).sum())
+    ticks = fig.axes[1].get_yticks()
+    assert ticks[0] == pytest.approx((n_merged - 1) / 2)
+    plt.close(fig)
+
+
 def test_similarity_random_minibatch(trained):
     model, adata = trained
     fig = pl.similarity(model, n_cells=40, seed=1)

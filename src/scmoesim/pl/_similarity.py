@@ -68,7 +68,8 @@ def similarity(
     -------
     The Figure with three Axes: ``S`` (its image a masked array, masked where the pair is
     unknown), ``P P^T`` and the shared colorbar. Rows and columns of both images are the chosen
-    cells, ordered by argmax cluster (stable, so ties keep the order of the minibatch).
+    cells, ordered by argmax cluster (a merged cluster's experts in one block; stable, so ties
+    keep the order of the minibatch).
 
     Raises
     ------
@@ -88,8 +89,14 @@ def similarity(
     data = model.adata if adata is None else model._validate_anndata(adata)
     idx = _choose_cells(data.n_obs, n_cells, seed, indices)
     s, mask, p = minibatch_matrices(model, data, idx)
-    order = np.argsort(p.argmax(1), kind="stable")
-    s, mask, p = s[np.ix_(order, order)], mask[np.ix_(order, order)], p[order]
+    # by cluster (merged clusters: one block of their experts), then expert, then minibatch
+    names = np.asarray(model.cluster_names_, dtype=object)
+    first = {n: k for k, n in reversed(list(enumerate(names)))}
+    experts = p.argmax(1)
+    blocks = np.array([first[names[k]] for k in experts], dtype=np.int64)
+    order = np.lexsort((experts, blocks))
+    s, mask = s[np.ix_(order, order)], mask[np.ix_(order, order)]
+    p, blocks = p[order], blocks[order]
     ppt = p @ p.T
     s_img = np.ma.masked_array(s, mask=~mask)
 
@@ -104,7 +111,7 @@ def similarity(
         )
         ax.set_title(title, fontsize="medium")
         ax.set_xticks([])
-        _label_blocks(ax, p.argmax(1), model.cluster_names_)
+        _label_blocks(ax, blocks, names)
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="same cluster")
     return finish(fig, None, show, save)
 
