@@ -271,6 +271,14 @@ def test_checkpoint_every_n_epochs_and_file_path(small, tmp_path):
     more = _model(small.copy())
     more.train(max_epochs=4, ckpt_path=tmp_path / "last.ckpt", **FAST)
     assert len(more.history["elbo_train"]) == 4
+    # a finished checkpoint with nothing left to train: refused before Lightning restores it
+    # (it used to load the weights, warn that no step ran and leave the model untrained)
+    done = _model(small.copy())
+    before = {k: v.clone() for k, v in done.module.state_dict().items()}
+    with pytest.raises(ValueError, match=r"already holds 3 epochs and max_epochs=3"):
+        done.train(max_epochs=3, ckpt_path=tmp_path, **FAST)
+    assert all(torch.equal(v, done.module.state_dict()[k]) for k, v in before.items())
+    assert not done.is_trained_
 
 
 def test_resume_errors(small, tmp_path):

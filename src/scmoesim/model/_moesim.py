@@ -18,6 +18,7 @@ from scmoesim.train import (
     PeriodicCheckpoint,
     check_checkpoint_fits,
     check_plan_values,
+    epochs_done,
     resolve_checkpoint,
 )
 
@@ -525,7 +526,15 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         user_callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         if ckpt_path is not None:
             ckpt_path = resolve_checkpoint(ckpt_path)
-            check_checkpoint_fits(ckpt_path, self.module)
+            done = epochs_done(check_checkpoint_fits(ckpt_path, self.module))
+            planned = max_epochs if max_epochs is not None else max_epochs_heuristic(self.adata)
+            if done is not None and done >= planned:
+                # Lightning would restore the weights and run no step
+                raise ValueError(
+                    f"The checkpoint {os.fspath(ckpt_path)!r} already holds {done} epochs and "
+                    f"max_epochs={planned} counts from the start of the first run: nothing is "
+                    "left to train. Pass a larger max_epochs to train on."
+                )
             trainer_kwargs["ckpt_path"] = str(ckpt_path)
         if checkpoint_dir is not None or ckpt_path is not None:
             user_callbacks.append(PeriodicCheckpoint(checkpoint_dir, checkpoint_every_n_epochs))
@@ -701,3 +710,10 @@ def _warn_overlapping_genes(signatures: dict[str, list[str]]) -> None:
 def _history_rows(history: dict | None) -> int:
     """Logged rows over every metric of ``model.history`` (grows when a training step ran)."""
     return sum(len(v) for v in (history or {}).values())
+
+
+def max_epochs_heuristic(adata) -> int:
+    """scvi-tools' default ``max_epochs`` for this many cells (what ``train`` uses for None)."""
+    from scvi.model._utils import get_max_epochs_heuristic
+
+    return int(get_max_epochs_heuristic(adata.n_obs))

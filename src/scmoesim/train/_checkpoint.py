@@ -62,6 +62,14 @@ def check_checkpoint_fits(path: Path, module: torch.nn.Module) -> dict:
     return ckpt
 
 
+def epochs_done(ckpt: dict) -> int | None:
+    """Epochs a Lightning checkpoint has trained (``None`` if it does not say)."""
+    try:
+        return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return None
+
+
 # Lightning reads checkpoints with ``torch.load(weights_only=True)``: everything stored here is
 # made of tensors, lists, dicts, strings and numbers only.
 def _rng_states() -> dict:
