@@ -125,6 +125,9 @@ def test_merge_clusters_joins_the_experts_of_one_community(split_model, tmp_path
     model.annotate(snapshot)
     assert snapshot.uns["moesim"]["effective_n_clusters"] == k
     assert snapshot.uns["moesim"]["cluster_names"] == list(model.cluster_names_)
+    # the probabilities are predict(soft=True)'s, one column per cluster
+    assert snapshot.uns["moesim"]["proba_columns"] == list(soft.columns)
+    np.testing.assert_allclose(snapshot.obsm["moesim_proba"], soft.to_numpy(), rtol=1e-6)
     # saved and loaded with the model
     model.save(tmp_path / "m")
     loaded = scmoesim.MoESim.load(tmp_path / "m", adata=adata)

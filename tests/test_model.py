@@ -86,6 +86,7 @@ def test_annotate_writes_documented_keys_only(kidney):
     assert isinstance(kidney.obs["moesim_cluster"].dtype, pd.CategoricalDtype)
     uns = kidney.uns["moesim"]
     assert uns["cluster_names"] == model.cluster_names_
+    assert uns["proba_columns"] == list(model.predict(soft=True).columns)
     assert uns["expert_usage"].sum() == kidney.n_obs
     assert len(uns["expert_usage"]) == 4
     assert uns["effective_n_clusters"] == kidney.obs["moesim_cluster"].nunique()

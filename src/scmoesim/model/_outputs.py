@@ -209,9 +209,10 @@ class OutputsMixin:
         """Write the latent space, clusters and probabilities into ``adata`` in one call.
 
         Writes ``obsm["X_moesim"]``, ``obs["moesim_cluster"]`` (categorical),
-        ``obsm["moesim_proba"]`` (cells x experts, columns in the order of
-        ``uns["moesim"]["cluster_names"]``) and ``uns["moesim"]`` (cluster names, expert usage,
-        effective number of clusters, model parameters). Keys can be renamed.
+        ``obsm["moesim_proba"]`` (``predict(soft=True).values``: cells x clusters, columns in
+        the order of ``uns["moesim"]["proba_columns"]``; one per expert unless
+        :meth:`merge_clusters` joined some) and ``uns["moesim"]`` (each expert's cluster name,
+        expert usage, effective number of clusters, model parameters). Keys can be renamed.
 
         Parameters
         ----------
@@ -229,11 +230,19 @@ class OutputsMixin:
         usage = np.bincount(out["expert"], minlength=self.module.n_experts)
         target.obsm[latent_key] = out["z"]
         target.obs[cluster_key] = pd.Categorical(names[out["expert"]], categories=order)
-        target.obsm[proba_key] = out["p"]
+        columns = list(dict.fromkeys(str(n) for n in names))
+        proba = out["p"]
+        if len(columns) < len(names):  # merged clusters: sum their experts, as predict does
+            summed = np.zeros((proba.shape[0], len(columns)), dtype=proba.dtype)
+            for k, name in enumerate(names):
+                summed[:, columns.index(str(name))] += proba[:, k]
+            proba = summed
+        target.obsm[proba_key] = proba
         # Lists, not dicts keyed by cluster name: names such as "CD4+/CD25 T Reg" would become
         # nested groups in .h5ad files.
         target.uns[uns_key] = {
             "cluster_names": [str(n) for n in names],
+            "proba_columns": columns,
             "expert_usage": usage.astype(np.int64),
             "effective_n_clusters": _n_clusters(pd.Series(usage, index=list(names)), 1),
             "params": {k: v for k, v in self.init_params_["non_kwargs"].items() if v is not None},
