@@ -457,3 +457,28 @@ def test_gate_dropout_acts_only_through_depict(kidney):
 
     np.testing.assert_array_equal(latent(0.0, 0.0), latent(0.5, 0.0))
     assert not np.array_equal(latent(0.0, 1.0), latent(0.5, 1.0))
+
+
+def test_class_without_cells_is_matched_to_an_unused_expert():
+    """A signature no cell carried used to take a populated expert's name (row of zeros: any
+    expert ties); the populated expert is now numbered and the class gets an empty one."""
+    from scmoesim.model._outputs import _names_from_mass
+
+    mass = np.array([[10.0, 0, 0, 0], [0, 10.0, 0, 0], [0, 0, 0, 0]])
+    names = _names_from_mass(mass, ["A", "B", "C"], np.array([10, 10, 50, 0]))
+    assert names == ["A", "B", "0", "C"]
+    # real mass always wins over the tie-break
+    mass = np.array([[1e-6, 0, 0], [0, 1.0, 0]])
+    assert _names_from_mass(mass, ["A", "B"], np.array([5, 5, 900]))[:2] == ["A", "B"]
+
+
+def test_prefixed_cluster_numbers_sort_as_numbers():
+    """Classes named "0", "1" give the unnamed experts cluster_0, cluster_1, ... (no clash);
+    their categories used to sort as text: cluster_10 before cluster_2."""
+    from scmoesim.model._outputs import _number_key, _number_unnamed
+
+    names = _number_unnamed(["0", "1"] + [None] * 12, np.arange(14)[::-1], 14)
+    assert names[2:5] == ["cluster_0", "cluster_1", "cluster_2"]
+    ordered = sorted(names[2:], key=_number_key)
+    assert ordered == [f"cluster_{i}" for i in range(12)]
+    assert sorted(["10", "2", "b", "a"], key=_number_key) == ["2", "10", "a", "b"]

@@ -262,7 +262,7 @@ class OutputsMixin:
         names = list(dict.fromkeys(self.cluster_names_))  # merged experts share a name
         named = [c for c in classes if c in names]
         rest = [c for c in names if c not in set(classes)]
-        rest.sort(key=lambda c: (0, int(c)) if str(c).isdigit() else (1, str(c)))
+        rest.sort(key=_number_key)
         return named + rest
 
     def _summarise_training_data(self) -> None:
@@ -337,10 +337,21 @@ def _names_from_mass(mass: np.ndarray, classes: list[str], usage: np.ndarray) ->
     n_exp = len(usage)
     names: list[str | None] = [None] * n_exp
     if classes and mass.any():
-        rows, cols = linear_sum_assignment(mass, maximize=True)
+        # ties (a class none of whose cells reached the pass: a row of zeros) go to the least
+        # used experts, not to whichever populated expert comes first
+        used = np.asarray(usage, dtype=float)
+        tie_break = 1e-9 * mass.max() * used / max(used.max(), 1.0)
+        rows, cols = linear_sum_assignment(mass - tie_break[None, :], maximize=True)
         for r, c in zip(rows, cols, strict=True):
             names[c] = classes[r]
     return _number_unnamed(names, usage, n_exp)
+
+
+def _number_key(name) -> tuple:
+    """Sort key of numbered clusters: ``"2"`` before ``"10"``, also as ``cluster_2``."""
+    text = str(name)
+    digits = text.removeprefix("cluster_")
+    return (0, int(digits)) if digits.isdigit() else (1, text)
 
 
 def _number_unnamed(names: list[str | None], size: np.ndarray, n_experts: int) -> list[str]:
