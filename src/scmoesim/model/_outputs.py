@@ -159,6 +159,10 @@ class OutputsMixin:
     def expert_usage(self, adata: AnnData | None = None) -> pd.Series:
         """Count the cells routed to each expert (training data: recorded after training).
 
+        With ``adata=None`` these are the counts recorded on the training data, also after
+        :meth:`load` onto other data (they set ``generate``'s training proportions); pass
+        ``adata`` (e.g. ``model.adata``) to count the cells of any AnnData.
+
         Returns
         -------
         Series of cell counts indexed by cluster name, in expert order (one entry per expert:
@@ -184,7 +188,7 @@ class OutputsMixin:
         ----------
         adata
             AnnData with the model's genes; ``None`` uses the training data (counts recorded
-            after training).
+            after training, kept by :meth:`load` onto other data).
         min_cells
             A cluster counts when it holds at least this many cells.
 
