@@ -398,6 +398,14 @@ def test_train_rejects_bad_arguments_before_any_step(adata, kwargs, error, messa
     assert not (tmp_path / "unused").exists()
 
 
+@pytest.mark.parametrize("precision", [32, "32", "32-true", None])
+def test_train_accepts_full_precision(adata, precision):
+    MoESim.setup_anndata(adata, layer="counts", signatures=SIGS)
+    model = MoESim(adata)
+    model.train(**ONE_EPOCH, precision=precision)
+    assert model.is_trained_
+
+
 def test_too_few_cells_to_train(adata):
     tiny = adata[:2].copy()
     MoESim.setup_anndata(tiny, layer="counts", signatures=SIGS)

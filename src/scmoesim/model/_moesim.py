@@ -505,7 +505,7 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
                 f"{sorted(MoESimTrainingPlan.valid_kwargs())}."
             )
         check_plan_values({"lr": lr, **plan_kwargs})
-        if str(trainer_kwargs.get("precision", 32)) not in ("32", "32-true"):
+        if str(trainer_kwargs.get("precision", 32)) not in ("None", "32", "32-true"):
             raise ValueError(
                 f"precision={trainer_kwargs['precision']!r} is not supported: the grouped "
                 "experts and the pair loss compute in float32; leave precision at its default."
