@@ -160,6 +160,13 @@ def test_fit_interrupted_exits_130_and_writes_nothing(files, tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "error: interrupted" in err and "can be used, saved" not in err
     assert not out.exists() and not model_dir.exists()
+    # also when the user silences warnings (PYTHONWARNINGS=ignore), which the CLI listens to
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(argv) == 130
+    assert not out.exists()
 
 
 def test_fit_bad_input_files(tmp_path, capsys):
@@ -333,6 +340,15 @@ def test_generate_errors(files, fitted, tmp_path, capsys):
     argv = ["generate", str(damaged), "--adata", str(root / "pbmc.h5ad"), *base]
     assert cli.main(argv) == 1
     assert f"cannot load the model from {damaged}" in _error_line(capsys.readouterr().err)
+    # an untrained model saved with its data: one line, not generate()'s RuntimeError
+    from scmoesim import MoESim
+
+    query = ad.read_h5ad(root / "pbmc.h5ad")
+    MoESim.setup_anndata(query)
+    MoESim(query, likelihood="normal").save(tmp_path / "untrained", save_anndata=True)
+    argv = ["generate", str(tmp_path / "untrained"), *base]
+    assert cli.main(argv) == 1
+    assert "saved untrained; train it first" in _error_line(capsys.readouterr().err)
     assert not (tmp_path / "g.h5ad").exists()
 
 

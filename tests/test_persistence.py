@@ -279,6 +279,10 @@ def test_checkpoint_every_n_epochs_and_file_path(small, tmp_path):
         done.train(max_epochs=3, ckpt_path=tmp_path, **FAST)
     assert all(torch.equal(v, done.module.state_dict()[k]) for k, v in before.items())
     assert not done.is_trained_
+    # training by steps (max_epochs=-1, Lightning's no limit) resumes as before
+    steps = _model(small.copy())
+    steps.train(max_epochs=-1, max_steps=int(ckpt["global_step"]) + 2, ckpt_path=tmp_path, **FAST)
+    assert steps.is_trained_
 
 
 def test_resume_errors(small, tmp_path):

@@ -398,6 +398,18 @@ def test_train_rejects_bad_arguments_before_any_step(adata, kwargs, error, messa
     assert not (tmp_path / "unused").exists()
 
 
+def test_plan_values_accept_numpy_integers_and_logged_metrics(adata):
+    from scmoesim.train import check_plan_values
+
+    for metric in ("validation_loss", "kl_global_validation", "similarity_loss_validation"):
+        check_plan_values({"lr_scheduler_metric": metric})
+    check_plan_values({"n_steps_kl_warmup": np.int64(4), "lr_patience": np.int32(3)})
+    MoESim.setup_anndata(adata, layer="counts", signatures=SIGS)
+    model = MoESim(adata)
+    model.train(**ONE_EPOCH, plan_kwargs={"n_epochs_kl_warmup": np.int64(2)})
+    assert model.is_trained_
+
+
 @pytest.mark.parametrize("precision", [32, "32", "32-true", None])
 def test_train_accepts_full_precision(adata, precision):
     MoESim.setup_anndata(adata, layer="counts", signatures=SIGS)

@@ -157,11 +157,11 @@ def _stop_on_interrupt() -> Iterator[None]:
             return
         previous(message, category, *args, **kwargs)
 
-    warnings.showwarning = show
-    try:
+    with warnings.catch_warnings():
+        # seen whatever the user's filters say (-W ignore would hide it, -W error raise it)
+        warnings.filterwarnings("always", message="Training interrupted", category=UserWarning)
+        warnings.showwarning = show
         yield
-    finally:
-        warnings.showwarning = previous
     if interrupted:
         raise KeyboardInterrupt
 
@@ -511,6 +511,8 @@ def _generate(args: argparse.Namespace) -> int:
         ) from err
     except Exception as err:  # a damaged model.pt: torch's zip reader, pickle, ...
         raise CLIError(f"cannot load the model from {model_dir}: {_one_line(err)}") from err
+    if not model.is_trained_:
+        raise CLIError(f"the model in {model_dir} was saved untrained; train it first.")
     with _user_errors():
         generated = model.generate(
             args.n_cells,

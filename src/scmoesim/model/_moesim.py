@@ -529,7 +529,9 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             ckpt_path = resolve_checkpoint(ckpt_path)
             done = epochs_done(check_checkpoint_fits(ckpt_path, self.module))
             planned = max_epochs if max_epochs is not None else max_epochs_heuristic(self.adata)
-            if done is not None and done >= planned:
+            # max_epochs=-1 (no limit) or max_steps: Lightning stops on steps, not epochs
+            by_steps = planned < 0 or trainer_kwargs.get("max_steps", -1) not in (-1, None)
+            if done is not None and not by_steps and done >= planned:
                 # Lightning would restore the weights and run no step
                 raise ValueError(
                     f"The checkpoint {os.fspath(ckpt_path)!r} already holds {done} epochs and "

@@ -27,7 +27,10 @@ def pairwise_distances(
         # the origin in float32 (UMAP coordinates near 10: errors of ~5e-3, duplicates not at
         # 0), which a distance_threshold then misjudges. Centred and in float64 the shortcut is
         # exact to ~1e-6 and, at 1,024 cells x 50 dimensions, 4x faster than the direct sums.
-        y = (x - x.mean(dim=0, keepdim=True)).double()
+        y = x - x.mean(dim=0, keepdim=True)
+        if y.device.type == "mps":  # no float64 there
+            return torch.cdist(y, y, compute_mode="donot_use_mm_for_euclid_dist")
+        y = y.double()
         return torch.cdist(y, y).to(x.dtype)
     if metric in ("correlation", "cosine"):
         y = x - x.mean(dim=1, keepdim=True) if metric == "correlation" else x

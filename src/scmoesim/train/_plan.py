@@ -16,7 +16,7 @@ SPLIT_UNTIL = 0.9
 
 
 def _check_integer(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         kind = {0: "a non-negative integer", 1: "a positive integer"}[minimum]
         raise ValueError(f"{name} must be {kind}, got {value!r}.")
 
@@ -73,6 +73,8 @@ def check_plan_values(kwargs: dict) -> None:
             "lr_scheduler_metric",
             ("elbo_validation", "reconstruction_loss_validation", "kl_local_validation"),
         ),
+        "validation_loss",
+        "kl_global_validation",
         *(f"{term}_validation" for term in LOGGED_TERMS),
     )
     if "lr_scheduler_metric" in kwargs and kwargs["lr_scheduler_metric"] not in metrics:
