@@ -107,6 +107,13 @@ def test_map_new_cells_matches_training_cells(kidney):
     np.testing.assert_array_equal(
         np.asarray(model.predict(query)), np.asarray(model.predict())[:50]
     )
+    # a view stays a view (scvi-tools would make it an AnnData in place), its parent unchanged
+    parent = kidney.copy()
+    view = parent[:50]
+    obs_before = list(parent.obs)
+    np.testing.assert_allclose(model.get_latent_representation(view), z_query, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(model.predict(view)), np.asarray(model.predict(query)))
+    assert view.is_view and list(view.obs) == obs_before and list(parent.obs) == obs_before
     wrong = kidney[:20, :-3].copy()
     with pytest.raises(ValueError, match="genes differ from the model's: 3 missing"):
         model.get_latent_representation(wrong)

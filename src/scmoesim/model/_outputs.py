@@ -23,6 +23,10 @@ class OutputsMixin:
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
         if adata is not None and adata is not self.adata:
             check_query(self, adata)
+            if adata.is_view:
+                # scvi-tools would turn the user's view into an AnnData in place (and register
+                # it): read from a copy, the view stays a view
+                adata = adata.copy()
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     def _batches(
@@ -229,6 +233,8 @@ class OutputsMixin:
         """
         target = self.adata if adata is None else adata
         out = self._pass(adata, batch_size=batch_size)
+        if target.is_view:  # written into, so it becomes an AnnData, as anndata does on writes
+            target._init_as_actual(target.copy())
         names = np.asarray(self.cluster_names_, dtype=object)
         order = [c for c in self._category_order() if c in set(names[out["expert"]])]
         usage = np.bincount(out["expert"], minlength=self.module.n_experts)
