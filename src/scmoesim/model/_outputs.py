@@ -152,11 +152,8 @@ class OutputsMixin:
         out = self._pass(adata, indices, batch_size)
         names = np.asarray(self.cluster_names_, dtype=object)
         if soft:
-            obs_names = self._obs_names(adata, indices)
-            proba = pd.DataFrame(out["p"], index=obs_names, columns=list(names))
-            if len(set(names)) < len(names):  # merged clusters: sum their experts' columns
-                proba = proba.T.groupby(level=0, sort=False).sum().T
-            return proba
+            proba, columns = _cluster_proba(out["p"], names)
+            return pd.DataFrame(proba, index=self._obs_names(adata, indices), columns=columns)
         order = [c for c in self._category_order() if c in set(names[out["expert"]])]
         return pd.Categorical(names[out["expert"]], categories=order)
 
@@ -240,13 +237,7 @@ class OutputsMixin:
         usage = np.bincount(out["expert"], minlength=self.module.n_experts)
         target.obsm[latent_key] = out["z"]
         target.obs[cluster_key] = pd.Categorical(names[out["expert"]], categories=order)
-        columns = list(dict.fromkeys(str(n) for n in names))
-        proba = out["p"]
-        if len(columns) < len(names):  # merged clusters: sum their experts, as predict does
-            summed = np.zeros((proba.shape[0], len(columns)), dtype=proba.dtype)
-            for k, name in enumerate(names):
-                summed[:, columns.index(str(name))] += proba[:, k]
-            proba = summed
+        proba, columns = _cluster_proba(out["p"], names)  # as predict(soft=True)
         target.obsm[proba_key] = proba
         # Lists, not dicts keyed by cluster name: names such as "CD4+/CD25 T Reg" would become
         # nested groups in .h5ad files.
@@ -355,6 +346,21 @@ def _names_from_mass(mass: np.ndarray, classes: list[str], usage: np.ndarray) ->
         for r, c in zip(rows, cols, strict=True):
             names[c] = classes[r]
     return _number_unnamed(names, usage, n_exp)
+
+
+def _cluster_proba(p: np.ndarray, names) -> tuple[np.ndarray, list[str]]:
+    """Gate probabilities per cluster and the cluster of each column, in order of appearance.
+
+    The columns of experts joined by ``merge_clusters`` (which share a name) are summed.
+    """
+    columns = list(dict.fromkeys(str(n) for n in names))
+    if len(columns) == len(names):
+        return p, columns
+    index = {c: i for i, c in enumerate(columns)}
+    summed = np.zeros((p.shape[0], len(columns)), dtype=p.dtype)
+    for k, name in enumerate(names):
+        summed[:, index[str(name)]] += p[:, k]
+    return summed, columns
 
 
 def _number_key(name) -> tuple:
