@@ -153,7 +153,7 @@ class GenerateMixin:
         rng = np.random.default_rng(seed)
         # grouped by cluster (merged clusters: their experts one after the other), in the
         # order of each cluster's first expert
-        order = _experts_by_cluster(self.cluster_names_)
+        order = np.argsort(self._first_expert_of_cluster(), kind="stable")
         experts = np.repeat(order, per_expert[order])
         batches = self._draw_batches(experts, batch, rng)
         libraries = self._draw_libraries(experts, batches, rng)
@@ -439,13 +439,6 @@ class GenerateMixin:
         slot = np.where(np.isnan(quantiles[experts, batches, 0]), quantiles.shape[1] - 1, batches)
         log_lib = quantiles[experts, slot, lo] * (1 - frac) + quantiles[experts, slot, hi] * frac
         return np.exp(log_lib)
-
-
-def _experts_by_cluster(cluster_names) -> np.ndarray:
-    """Expert indices grouped by cluster name, clusters in the order of their first expert."""
-    names = np.asarray(cluster_names, dtype=object)
-    first = {n: k for k, n in reversed(list(enumerate(names)))}
-    return np.array(sorted(range(len(names)), key=lambda k: (first[names[k]], k)), dtype=np.int64)
 
 
 def _used_latent(cells, loc) -> str:

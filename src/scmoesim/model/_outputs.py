@@ -257,6 +257,18 @@ class OutputsMixin:
     def _default_cluster_names(self, n_experts: int) -> list[str]:
         return [str(k) for k in range(n_experts)]
 
+    def _first_expert_of_cluster(self) -> np.ndarray:
+        """For each expert, the index of its cluster's first expert (merged clusters share it).
+
+        Sorting experts by it groups each cluster's experts, clusters in the order of their
+        first expert.
+        """
+        first: dict[str, int] = {}
+        names = [str(n) for n in self.cluster_names_]
+        for k, name in enumerate(names):
+            first.setdefault(name, k)
+        return np.array([first[name] for name in names], dtype=np.int64)
+
     def _category_order(self) -> list[str]:
         """Named clusters in class order, then numbered ones by number."""
         classes = self._class_names()

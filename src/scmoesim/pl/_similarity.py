@@ -91,9 +91,8 @@ def similarity(
     s, mask, p = minibatch_matrices(model, data, idx)
     # by cluster (merged clusters: one block of their experts), then expert, then minibatch
     names = np.asarray(model.cluster_names_, dtype=object)
-    first = {n: k for k, n in reversed(list(enumerate(names)))}
     experts = p.argmax(1)
-    blocks = np.array([first[names[k]] for k in experts], dtype=np.int64)
+    blocks = model._first_expert_of_cluster()[experts]
     order = np.lexsort((experts, blocks))
     s, mask = s[np.ix_(order, order)], mask[np.ix_(order, order)]
     p, blocks = p[order], blocks[order]
