@@ -43,6 +43,12 @@ def test_epoch_logging_equals_lightnings_aggregates_of_per_step_logging():
     expected = {"train_loss", "validation_loss", "elbo_train", "elbo_validation"}
     expected |= {f"similarity_loss_{m}" for m in ("train", "validation")}
     assert expected <= set(history[False])
+    # every term the plan accepts as a scheduler metric is logged, and no other extra term
+    from scmoesim.module._module import LOGGED_TERMS
+
+    elbo = {"elbo", "reconstruction_loss", "kl_local", "kl_global"}
+    extra = {k.removesuffix("_validation") for k in history[False] if k.endswith("_validation")}
+    assert extra - elbo == set(LOGGED_TERMS)
     for key, frame in history[False].items():
         values = frame.to_numpy(dtype=float).ravel()
         assert len(values) == 2, key

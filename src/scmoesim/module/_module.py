@@ -20,6 +20,17 @@ from ._likelihoods import expert_heads, make_distribution, reconstruction_nll
 from ._losses import anchor_loss, depict_loss, kl_mixture, kl_paper, similarity_bce
 from ._sampling import sample_sparse_counts, scaled_softmax_
 
+#: Loss terms the module reports besides scvi-tools' ELBO terms (``LossOutput.extra_metrics``),
+#: logged as ``{term}_train`` and ``{term}_validation``.
+LOGGED_TERMS = (
+    "kl_divergence",
+    "similarity_loss",
+    "depict_loss",
+    "anchor_loss",
+    "clustering_loss",
+    "known_pair_fraction",
+)
+
 
 class MoESimModule(BaseModuleClass):
     """Encoder, gating network and K routed expert decoders (MoE-Sim-VAE).

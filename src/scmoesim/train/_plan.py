@@ -8,6 +8,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from scvi.train import TrainingPlan
 
+from ..module._module import LOGGED_TERMS
 from ._epoch_means import EpochMeans
 from ._split import split_experts
 
@@ -19,17 +20,6 @@ def _check_integer(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         kind = {0: "a non-negative integer", 1: "a positive integer"}[minimum]
         raise ValueError(f"{name} must be {kind}, got {value!r}.")
-
-
-#: Loss terms the module logs besides scvi-tools' ELBO metrics (``{term}_{train|validation}``).
-LOGGED_TERMS = (
-    "kl_divergence",
-    "similarity_loss",
-    "depict_loss",
-    "anchor_loss",
-    "clustering_loss",
-    "known_pair_fraction",
-)
 
 
 def _literal_values(name: str, fallback: tuple[str, ...]) -> tuple[str, ...]:
