@@ -142,27 +142,16 @@ def _check_output(path: Path, force: bool, what: str = "", directory: bool = Fal
 
 
 @contextmanager
-def _stop_on_interrupt() -> Iterator[None]:
+def _stop_on_interrupt(model) -> Iterator[None]:
     """Make a Ctrl-C during ``model.train`` stop the command (exit 130, nothing written).
 
-    The Python API keeps a model whose training was interrupted, with a warning; a command
-    would then write a partly trained model as if it had finished.
+    The Python API keeps a model whose training was interrupted, with a warning that it can
+    be used; a command would then write a partly trained model as if it had finished.
     """
-    interrupted = []
-    previous = warnings.showwarning
-
-    def show(message, category, *args, **kwargs):
-        if str(message).startswith("Training interrupted"):
-            interrupted.append(True)
-            return
-        previous(message, category, *args, **kwargs)
-
     with warnings.catch_warnings():
-        # seen whatever the user's filters say (-W ignore would hide it, -W error raise it)
-        warnings.filterwarnings("always", message="Training interrupted", category=UserWarning)
-        warnings.showwarning = show
+        warnings.filterwarnings("ignore", message="Training interrupted", category=UserWarning)
         yield
-    if interrupted:
+    if getattr(model, "_interrupted", False):
         raise KeyboardInterrupt
 
 
@@ -440,7 +429,7 @@ def _fit(args: argparse.Namespace) -> int:
     print(model._model_summary_string)
     t0 = time.time()
     with _user_errors():
-        with _stop_on_interrupt():
+        with _stop_on_interrupt(model):
             model.train(
                 max_epochs=args.epochs,
                 batch_size=args.batch_size,
@@ -556,7 +545,7 @@ def _demo(args: argparse.Namespace) -> int:
     MoESim.setup_anndata(adata, signatures=datasets.PBMC_SIGNATURES)
     model = MoESim(adata, likelihood="normal")
     t0 = time.time()
-    with _stop_on_interrupt():
+    with _stop_on_interrupt(model):
         model.train(max_epochs=args.epochs, enable_progress_bar=not args.quiet)
     model.annotate(adata)
     truth = adata.obs["bulk_labels"].astype(str)

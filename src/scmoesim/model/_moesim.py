@@ -553,9 +553,14 @@ class MoESim(OutputsMixin, GenerateMixin, MergeMixin, UnsupervisedTrainingMixin,
             **trainer_kwargs,
         }
 
+        # whether a Ctrl-C stopped this call (the command line then writes nothing)
+        self._interrupted = False
+
         def fit() -> tuple[bool, bool]:
             # a copy of plan_kwargs per training: the plan may consume it
-            return self._fit_once(fit_kwargs, dict(plan_kwargs), user_callbacks)
+            trained, interrupted = self._fit_once(fit_kwargs, dict(plan_kwargs), user_callbacks)
+            self._interrupted = interrupted
+            return trained, interrupted
 
         if n_restarts == 1:
             trained = fit()[0]
